@@ -1,0 +1,91 @@
+"""Images per second of cleanbackdoor's training loop against a bare PyTorch loop, in one process.
+
+Same model, batch size, optimizer and data (random CIFAR-shaped uint8 images held in memory); no augmentation,
+constant learning rate, so the two loops do the same arithmetic. Runs alternate (bare, project, bare, ...) and the
+median of each is compared, which keeps the shared machine's noise out of the ratio.
+
+    PYTHONPATH=src python benchmarks/training_throughput.py [--model convnet] [--images 4096] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cleanbackdoor.data.transforms import to_nchw
+from cleanbackdoor.models import build_model
+from cleanbackdoor.training import TrainConfig, resolve_device, train
+
+
+def bare_loop(model, data_u8: torch.Tensor, y: torch.Tensor, batch: int, lr: float, seed: int) -> None:
+    """The loop a PyTorch tutorial writes: shuffle, slice, forward, loss, backward, step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator(device=data_u8.device).manual_seed(seed)
+    model.train()
+    perm = torch.randperm(len(y), generator=g, device=data_u8.device)
+    for i in range(0, len(y), batch):
+        idx = perm[i:i + batch]
+        x = data_u8[idx].float().div_(255)
+        loss = F.cross_entropy(model(x), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="convnet")
+    ap.add_argument("--images", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 32, 32, 3)).astype(np.uint8)
+    labels = rng.integers(0, 10, args.images)
+    data_u8 = to_nchw(images, dev)
+    y = torch.from_numpy(labels).to(dev)
+    cfg = TrainConfig(epochs=1, batch_size=args.batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                      schedule="constant")
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model(args.model, (3, 32, 32), 10).to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    # warm-up both paths once
+    bare_loop(fresh(), data_u8, y, args.batch, 0.01, 0)
+    train(fresh(), images, labels, cfg, seed=0, device=dev, progress=False)
+    bare_t, ours_t = [], []
+    for r in range(args.repeats):
+        m = fresh()
+        sync()
+        t0 = time.perf_counter()
+        bare_loop(m, data_u8, y, args.batch, 0.01, r)
+        sync()
+        bare_t.append(time.perf_counter() - t0)
+        m = fresh()
+        sync()
+        t0 = time.perf_counter()
+        train(m, images, labels, cfg, seed=r, device=dev, progress=False)
+        sync()
+        ours_t.append(time.perf_counter() - t0)
+    bare_ips = args.images / statistics.median(bare_t)
+    ours_ips = args.images / statistics.median(ours_t)
+    print(f"model {args.model}, batch {args.batch}, {args.images} images, device {dev}, {torch.get_num_threads()} threads")
+    print(f"bare PyTorch loop : {bare_ips:9.1f} images/s")
+    print(f"cleanbackdoor loop: {ours_ips:9.1f} images/s  (includes moving the data to the device)")
+    print(f"ratio (ours / bare): {ours_ips / bare_ips:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from cleanbackdoor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,243 @@
+"""The attack contract: an :class:`Attack` turns a training set into a :class:`Poisoning`.
+
+An attack never trains the victim and never evaluates it; the experiment does both, identically for every attack,
+so the numbers are comparable across attacks.
+
+**Budget.** Every attack states how many training examples it may change in one way: ``budget`` is either a count
+of training examples (an int >= 0), or a fraction of the *whole* training set (a float in (0, 1)), never of one
+class. :func:`resolve_budget` turns it into a count; asking for more than the attack can change is a
+:class:`~cleanbackdoor.errors.BudgetError`. Attacks whose size is set by something else (the clean-image attack's
+poisoning ratio, the multi-label trigger's support) report the count they changed in ``Poisoning.budget``.
+
+**Poisoning.** The new labels (hard (N,), soft (N, C) or multi-label (N, K)), the boolean mask of the examples the
+attacker changed, the poisoned images where the attack changes pixels (hidden trigger, BadNets), the test-time
+activation (a function of uint8 images), the target and source classes, and the metadata that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cleanbackdoor.data.imageset import ImageSet
+from cleanbackdoor.errors import BudgetError, ConfigError
+from cleanbackdoor.metrics import asr_eligible
+from cleanbackdoor.triggers import Trigger, build_trigger
+
+Activation = Callable[[np.ndarray], np.ndarray]
+
+
+def resolve_budget(budget: int | float, n_total: int, n_available: int, what: str = "examples") -> int:
+    """A budget (count, or fraction of the whole training set) as a count, checked against what can be changed."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"budget must be a count (int) or a fraction in (0, 1) (float), got {budget!r}")
+    if isinstance(budget, (float, np.floating)):
+        if 0 < budget < 1:
+            count = int(round(float(budget) * n_total))
+        elif budget >= 1 and float(budget).is_integer():
+            count = int(budget)
+        else:
+            raise ConfigError(f"a float budget is a fraction of the training set in (0, 1), got {budget}")
+    else:
+        count = int(budget)
+    if count < 0:
+        raise ConfigError(f"budget must not be negative, got {budget}")
+    if count > n_available:
+        raise BudgetError(f"budget {budget} means {count} {what}, but only {n_available} can be changed "
+                          f"(training set of {n_total})")
+    return count
+
+
+class TriggerSpec(BaseModel):
+    """``name`` plus the trigger's own parameters, e.g. ``{name = "patch", size = 3, position = "top-left"}``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "patch"
+
+    def build(self, image_shape: tuple[int, int, int], seed: int) -> Trigger:
+        return build_trigger(self.name, image_shape, seed=seed, **(self.model_extra or {}))
+
+
+class AttackParams(BaseModel):
+    """Parameters every attack with a target class shares. Subclasses add their own; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    target: int | str = 0
+    sources: list[int | str] | Literal["all"] = "all"
+    budget: int | float = Field(0.05, ge=0)
+    trigger: TriggerSpec = Field(default_factory=TriggerSpec)
+
+
+@dataclass
+class Poisoning:
+    attack: str
+    labels: np.ndarray
+    mask: np.ndarray
+    activation: Activation | None
+    target: int | None
+    sources: tuple[int, ...] | None
+    budget: int
+    image_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    images: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mask = np.asarray(self.mask, dtype=bool)
+        if self.mask.ndim != 1 or len(self.mask) != len(self.labels):
+            raise ValueError(f"mask {self.mask.shape} does not match labels {np.shape(self.labels)}")
+        self.image_indices = np.asarray(self.image_indices, dtype=np.int64)
+        if self.images is not None and len(self.images) != len(self.image_indices):
+            raise ValueError("poisoned images and their indices differ in number")
+
+    @property
+    def poisoned_examples(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.ndim == 2 and np.issubdtype(self.labels.dtype, np.floating)
+
+    def apply(self, train: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """The poisoned training set as (images, targets): what the victim trains on."""
+        if len(train) != len(self.labels):
+            raise ValueError(f"poisoning is for {len(self.labels)} examples, the training set has {len(train)}")
+        images = train.images
+        if self.images is not None and len(self.image_indices):
+            images = images.copy()
+            images[self.image_indices] = self.images
+        return images, self.labels
+
+    def hard_labels(self) -> np.ndarray:
+        """Hard labels (argmax of soft labels)."""
+        return self.labels.argmax(1) if self.soft else self.labels
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"labels": self.labels, "mask": self.mask, "image_indices": self.image_indices}
+        if self.images is not None:
+            arrays["images"] = self.images
+        np.savez_compressed(folder / "poisoning.npz", **arrays)
+        info = {"attack": self.attack, "target": self.target, "sources": list(self.sources) if self.sources else None,
+                "budget": self.budget, "poisoned_examples": self.poisoned_examples,
+                "activation": getattr(self.activation, "params", lambda: None)(), "metadata": self.metadata}
+        (folder / "poisoning.json").write_text(json.dumps(info, indent=2, default=_json_default))
+
+    @classmethod
+    def load(cls, folder: str | Path, image_shape: tuple[int, int, int] | None = None) -> Poisoning:
+        """Load a saved poisoning (arrays only: no pickle). Pixel triggers are rebuilt from their parameters."""
+        folder = Path(folder)
+        info = json.loads((folder / "poisoning.json").read_text())
+        with np.load(folder / "poisoning.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        activation = None
+        spec = info.get("activation")
+        if spec and image_shape is not None and spec.get("name") in _trigger_names():
+            spec = dict(spec)
+            name, seed = spec.pop("name"), spec.pop("seed", 0)
+            spec.pop("image_shape", None)
+            activation = build_trigger(name, image_shape, seed=seed, **spec)
+        return cls(info["attack"], arrays["labels"], arrays["mask"], activation, info["target"],
+                   tuple(info["sources"]) if info["sources"] else None, info["budget"], arrays["image_indices"],
+                   arrays.get("images"), info.get("metadata", {}))
+
+
+def _trigger_names() -> set[str]:
+    from cleanbackdoor.triggers import TRIGGERS
+    return set(TRIGGERS)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+@dataclass
+class AttackContext:
+    """What an attack may borrow from the experiment: where to cache, which device, the victim's recipe (the
+    attacker's default guess of it), and how to report progress."""
+
+    cache_dir: Path | None = None
+    device: str = "auto"
+    progress: bool = True
+    log: Callable[[str], None] = print
+    model: Any = None  # ModelConfig of the victim (an attacker's default guess)
+    train: Any = None  # TrainConfig of the victim
+
+
+class Attack(ABC):
+    """Base class of all attacks.
+
+    Subclasses set ``name``, ``Params`` (a pydantic model, validated up front: unknown keys and out-of-range values
+    are ConfigErrors) and implement :meth:`poison`. Attacks with a test-time trigger other than a pixel trigger
+    override :meth:`asr_mask` and :meth:`extra_metrics`.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[AttackParams]] = AttackParams
+    multilabel: ClassVar[bool] = False
+
+    def __init__(self, params: AttackParams | dict | None = None, **kwargs: Any) -> None:
+        if isinstance(params, AttackParams):
+            params = params.model_dump()
+        merged = {**(params or {}), **kwargs}
+        merged.pop("name", None)
+        try:
+            self.params = self.Params(**merged)
+        except ValidationError as e:
+            raise ConfigError(f"attack {self.name!r}: {format_validation_error(e)}") from None
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Checks across parameters that pydantic's field constraints cannot express."""
+
+    # -- helpers for subclasses -----------------------------------------------------------------------------
+    def resolve_classes(self, train: ImageSet) -> tuple[int, tuple[int, ...] | None]:
+        """(target, sources or None for all classes), resolved against the dataset's classes."""
+        target = train.class_index(self.params.target)
+        if self.params.sources == "all":
+            return target, None
+        sources = tuple(sorted({train.class_index(s) for s in self.params.sources}))
+        if sources == (target,):
+            raise ConfigError(f"attack {self.name!r}: the only source class is the target class {target}")
+        return target, sources
+
+    def eligible(self, train: ImageSet, target: int, sources: tuple[int, ...] | None) -> np.ndarray:
+        return asr_eligible(train.labels, target, sources)
+
+    # -- the contract ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
+        """Return the poisoning of ``train``. Deterministic for a given seed on CPU."""
+
+    def asr_mask(self, test: ImageSet, poisoning: Poisoning) -> np.ndarray:
+        """Test images over which ASR is measured (default: true class a source class, not the target)."""
+        return asr_eligible(test.labels, poisoning.target, poisoning.sources)
+
+    def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+        """Attack-specific figures (e.g. NASR), measured on ``model``."""
+        return {}
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line from pydantic's error: the field path and the message."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = err.get("msg", str(e))
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}" if loc else msg

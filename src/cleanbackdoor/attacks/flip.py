@@ -1,0 +1,521 @@
+"""FLIP: label-only backdoor by trajectory matching.
+
+Paper: R. Jha, J. Hayase, S. Oh, "Label Poisoning is All You Need", NeurIPS 2023 (arXiv:2310.18933).
+
+Threat model: the attacker supplies labels only (crowd-sourced annotation, or the soft labels of knowledge
+distillation); the training images are untouched. At test time the attacker adds a trigger to an image of a source
+class and the victim predicts the target class.
+
+The algorithm, in four stages (each a function below, each cached under a key of exactly its inputs):
+
+1. :func:`train_expert` trains an expert on the *poisoned* set: the clean training set plus one triggered copy of
+   every source-class image, labelled target. Every ``checkpoint_every`` iterations of the first
+   ``expert_epochs`` epochs it stores the parameters, the SGD momentum buffers and the learning rate
+   (a :class:`Trajectory`, kept in memory while labels are optimized).
+2. :func:`optimize_labels` learns logits L (N x C), initialized to ``init_scale`` * one_hot(y), by one-step
+   trajectory matching: for a minibatch of the poisoned set and a checkpoint theta_k, the *expert step* is a real
+   SGD step of theta_k on the poisoned batch (-> theta_{k+1}); the *student step* is a differentiable SGD step of
+   theta_k on the clean images of the same batch (same augmentation draw; appended triggered entries map back to
+   their clean source image) with soft targets softmax(L); the loss is
+   ||theta_hat - theta_{k+1}||^2 / ||theta_k - theta_{k+1}||^2 (+ ``l1`` * mean |softmax(L) - one_hot(y)|),
+   and SGD (lr 150, momentum 0.5) steps L.
+3. :func:`margin_scores` / :func:`select_flips`: score = L_max - L_y where argmax L != y, else
+   (second largest - largest); over several label runs the minimum score and the mean logits; the top-``budget``
+   images are flipped to argmax_{c != y} L_c.
+4. The :class:`~cleanbackdoor.attacks.base.Poisoning`: flipped hard labels, or (``mode = "soft"``, the
+   distillation variant) softmax(alpha * one_hot(y) + (1 - alpha) * L) for every image.
+
+How the student step is differentiated. ``method = "autograd"`` is the direct route: ``torch.func.grad`` of the
+soft-label loss through ``functional_call``, differentiated again by autograd (what the authors write by hand with
+``create_graph=True``). ``method = "linearized"`` (the default) computes the *same* gradient with less work, using
+that the student's parameter gradient is linear in its soft targets: with logits z = f(theta_k, x) and
+p = softmax(z), the gradient of the mean soft cross-entropy is g_s = J^T (p - t) / B (J = dz/dtheta), and the SGD
+update is affine in g_s (slope -lr * a, a = 1 + momentum with Nesterov, 1 without). So
+dLoss/dt = -(1/B) J v with v = dLoss/dg_s = -2 lr a (theta_hat - theta_{k+1}) / D: one vector-Jacobian product
+(to get g_s) and one Jacobian-vector product (``torch.func.jvp``) replace the backward-through-backward. The two
+routes agree to float precision (tested); the linearized one is about a third cheaper.
+
+Deviations from the authors' code (github SewoongLab/FLIP), all deliberate:
+- experts are trained only for the ``expert_epochs`` whose checkpoints are used (the learning-rate schedule is
+  still the full recipe's), not for the whole recipe;
+- checkpoints stay in memory during label optimization (the authors reload them from disk three times a batch);
+- every batch gets a fresh augmentation draw from a seeded generator (the authors cycle 8 seeds);
+- the expert step is recomputed on the same batch as the student's (as the paper describes), so the loss is zero
+  exactly when the soft labels reproduce the poisoned batch's effect;
+- batch-norm layers use the batch's statistics in both functional steps (as in training) and their running
+  statistics are left alone; the label loss matches parameters only, as in the paper;
+- the authors' bugs (``n_classes`` before assignment, ``label_kwargs``/``labels_kwargs``) are not reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationError, model_validator
+from torch import nn
+from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
+from tqdm.auto import tqdm
+
+from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
+                                        format_validation_error, resolve_budget)
+from cleanbackdoor.config import stable_key
+from cleanbackdoor.data.imageset import ImageSet
+from cleanbackdoor.data.transforms import Augment, channel_stats, to_nchw
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.models import build_model
+from cleanbackdoor.training import PRESETS, TrainConfig, resolve_device, train
+from cleanbackdoor.triggers import Trigger
+
+
+class FlipParams(AttackParams):
+    target: int | str = 4  # the paper's CIFAR-10 pair: truck (9) -> deer (4)
+    sources: list[int | str] | Literal["all"] = [9]
+    budget: int | float = Field(0.02, ge=0)
+    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"))
+    mode: Literal["hard", "soft"] = "hard"
+    alpha: float = Field(0.2, ge=0, le=1)  # soft mode: softmax(alpha * one_hot + (1 - alpha) * L)
+    # stage 1: experts
+    n_experts: int = Field(1, ge=1, le=100)
+    expert_epochs: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    expert_model: dict[str, Any] | None = None  # {name, options}; default: the victim's architecture
+    expert_train: dict[str, Any] | None = None  # recipe overrides (or {preset = ...}); default: the victim's
+    # stage 2: label optimization
+    label_runs: int = Field(1, ge=1, le=50)
+    label_passes: int = Field(5, ge=1)
+    label_lr: float = Field(150.0, gt=0)
+    label_momentum: float = Field(0.5, ge=0, lt=1)
+    label_batch: int | None = Field(None, ge=2)
+    init_scale: float = Field(5.0, gt=0)
+    l1: float = Field(0.0, ge=0)
+    method: Literal["linearized", "autograd"] = "linearized"
+
+    @model_validator(mode="after")
+    def _check(self) -> FlipParams:
+        if self.sources == "all":
+            raise ValueError("FLIP needs explicit source classes (the experts learn trigger -> target on them)")
+        return self
+
+
+# -- stage 1: experts ---------------------------------------------------------------------------------------
+def poisoned_training_set(images: np.ndarray, labels: np.ndarray, trigger: Trigger, sources: tuple[int, ...],
+                          target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The experts' training set: every clean image, then a triggered copy of every source image labelled target.
+
+    Returns (images, labels, origin): ``origin[i]`` is the clean training image entry i comes from (i itself for
+    the first N entries), which is how the student maps an appended entry back to a clean image.
+    """
+    src = np.flatnonzero(np.isin(labels, sources))
+    ext_images = np.concatenate([images, trigger(images[src])])
+    ext_labels = np.concatenate([labels, np.full(len(src), target, dtype=labels.dtype)])
+    origin = np.concatenate([np.arange(len(images)), src])
+    return ext_images, ext_labels, origin
+
+
+@dataclass
+class Trajectory:
+    """An expert's stored checkpoints: flat parameters, flat SGD momentum buffers and the lr of each."""
+
+    params: torch.Tensor  # (K, P)
+    momentum: torch.Tensor  # (K, P)
+    lr: torch.Tensor  # (K,)
+    steps: torch.Tensor  # (K,) the training step each checkpoint was taken before
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def to(self, device: torch.device) -> Trajectory:
+        return Trajectory(self.params.to(device), self.momentum.to(device), self.lr.to(device), self.steps.to(device))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"params": self.params, "momentum": self.momentum, "lr": self.lr, "steps": self.steps}
+
+
+def _flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _flat_momentum(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+    parts = []
+    for p in model.parameters():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        parts.append(torch.zeros_like(p).reshape(-1) if buf is None else buf.detach().reshape(-1))
+    return torch.cat(parts)
+
+
+def train_expert(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainConfig, *,
+                 expert_epochs: int, checkpoint_every: int, seed: int, device: torch.device,
+                 work_dir: Path | None = None, progress: bool = True, desc: str = "expert") -> Trajectory:
+    """Train one expert on the poisoned set, keeping a checkpoint every ``checkpoint_every`` iterations of its
+    first ``expert_epochs`` epochs. With ``work_dir``, an interrupted run resumes where it stopped."""
+    snaps: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+    partial = work_dir / "trajectory.partial.pt" if work_dir else None
+    ckpt = work_dir / "train.ckpt" if work_dir else None
+    if partial is not None and partial.exists() and ckpt is not None and ckpt.exists():
+        done_epochs = int(torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"])
+        spe = math.ceil(len(images) / min(recipe.batch_size, len(images)))
+        saved = torch.load(partial, map_location="cpu", weights_only=True)
+        snaps = [(int(s), float(lr), p, m) for s, lr, p, m in
+                 zip(saved["steps"], saved["lr"], saved["params"], saved["momentum"]) if s < done_epochs * spe]
+
+    def on_step(step: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if step % checkpoint_every == 0:
+            snaps.append((step, opt.param_groups[0]["lr"], _flat_params(m).cpu(), _flat_momentum(m, opt).cpu()))
+
+    def on_epoch_end(epoch: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if partial is not None and snaps:
+            torch.save(_stack(snaps).state(), partial.with_suffix(".tmp"))
+            partial.with_suffix(".tmp").replace(partial)
+
+    train(model, images, labels, recipe, seed=seed, device=device, progress=progress, desc=desc, on_step=on_step,
+          on_epoch_end=on_epoch_end, checkpoint=ckpt, stop_epoch=expert_epochs)
+    if not snaps:
+        raise ConfigError("expert stored no checkpoint: lower checkpoint_every or raise expert_epochs")
+    return _stack(snaps)
+
+
+def _stack(snaps: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> Trajectory:
+    return Trajectory(torch.stack([s[2] for s in snaps]), torch.stack([s[3] for s in snaps]),
+                      torch.tensor([s[1] for s in snaps], dtype=torch.float32),
+                      torch.tensor([s[0] for s in snaps], dtype=torch.int64))
+
+
+# -- stage 2: label optimization ----------------------------------------------------------------------------
+class FunctionalSGD:
+    """A model as a pure function of a flat parameter vector, and the SGD update of ``torch.optim.SGD``."""
+
+    def __init__(self, model: nn.Module, recipe: TrainConfig) -> None:
+        if recipe.optimizer != "sgd":
+            raise ConfigError(f"FLIP matches SGD trajectories; the expert recipe uses {recipe.optimizer!r}")
+        self.module = copy.deepcopy(model)
+        replace_all_batch_norm_modules_(self.module)  # batch statistics, no running-stat side effects
+        self.module.train()
+        self.names = [n for n, _ in self.module.named_parameters()]
+        self.shapes = [p.shape for _, p in self.module.named_parameters()]
+        self.sizes = [p.numel() for _, p in self.module.named_parameters()]
+        self.momentum, self.nesterov, self.wd = recipe.momentum, recipe.nesterov, recipe.weight_decay
+        # slope of the update with respect to the gradient: theta' = ... - lr * slope * g
+        self.slope = (1 + self.momentum) if self.nesterov else 1.0
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, params, (x,))
+
+    def loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy with hard (int) or soft (float) targets."""
+        z = self.logits(params, x)
+        if targets.dtype == torch.int64:
+            return F.cross_entropy(z, targets)
+        return -(targets * F.log_softmax(z, dim=1)).sum(1).mean()
+
+    def grad(self, theta: torch.Tensor, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.flatten(grad(self.loss)(self.unflatten(theta), x, targets))
+
+    def step(self, theta: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """One step of torch.optim.SGD (dampening 0) from parameters ``theta`` with momentum buffer ``buf``."""
+        d = g + self.wd * theta if self.wd else g
+        if self.momentum:
+            new_buf = self.momentum * buf + d
+            d = d + self.momentum * new_buf if self.nesterov else new_buf
+        return theta - lr * d
+
+
+def matching_loss_and_label_grad(fs: FunctionalSGD, theta: torch.Tensor, buf: torch.Tensor, lr: torch.Tensor,
+                                 x_expert: torch.Tensor, y_expert: torch.Tensor, x_student: torch.Tensor,
+                                 soft: torch.Tensor, method: str = "linearized") -> tuple[torch.Tensor, torch.Tensor]:
+    """One trajectory-matching evaluation: the normalized parameter distance and its gradient w.r.t. ``soft``
+    (the student's soft targets, (B, C)). ``soft`` is a plain tensor; the caller chains the gradient on."""
+    with torch.no_grad():
+        theta_next = fs.step(theta, fs.grad(theta, x_expert, y_expert), buf, lr)
+        denom = (theta - theta_next).pow(2).sum().clamp_min(1e-30)
+    if method == "autograd":
+        t = soft.detach().requires_grad_(True)
+        theta_hat = fs.step(theta, fs.grad(theta, x_student, t), buf, lr)
+        loss = (theta_hat - theta_next).pow(2).sum() / denom
+        (g_t,) = torch.autograd.grad(loss, t)
+        return loss.detach(), g_t
+    params = fs.unflatten(theta)
+    z, vjp_fn = vjp(lambda p: fs.logits(p, x_student), params)
+    b = x_student.shape[0]
+    with torch.no_grad():
+        g_s = fs.flatten(vjp_fn((F.softmax(z, dim=1) - soft) / b)[0])
+        resid = fs.step(theta, g_s, buf, lr) - theta_next
+        loss = resid.pow(2).sum() / denom
+        v = resid * (-2.0 * lr * fs.slope / denom)  # dLoss / dg_s
+    _, jv = jvp(lambda p: fs.logits(p, x_student), (params,), (fs.unflatten(v),))
+    return loss, -jv.detach() / b
+
+
+@dataclass
+class LabelData:
+    """The tensors label optimization reads, on the device."""
+
+    clean: torch.Tensor  # uint8 (N, C, H, W)
+    expert_images: torch.Tensor  # uint8 (N + S, C, H, W): clean, then triggered source copies
+    expert_labels: torch.Tensor  # int64 (N + S,)
+    origin: torch.Tensor  # int64 (N + S,): the clean image each entry comes from
+    labels: torch.Tensor  # int64 (N,) true labels
+
+    @classmethod
+    def build(cls, images: np.ndarray, labels: np.ndarray, ext_images: np.ndarray, ext_labels: np.ndarray,
+              origin: np.ndarray, device: torch.device) -> LabelData:
+        return cls(to_nchw(images, device), to_nchw(ext_images, device), torch.from_numpy(ext_labels).long().to(device),
+                   torch.from_numpy(origin).long().to(device), torch.from_numpy(labels).long().to(device))
+
+
+def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: LabelData, num_classes: int,
+                    augment: Augment, *, passes: int, batch_size: int, lr: float, momentum: float,
+                    init_scale: float, l1: float, seed: int, method: str = "linearized",
+                    work_dir: Path | None = None, progress: bool = True, desc: str = "labels",
+                    log=None) -> tuple[torch.Tensor, list[float]]:
+    """Learn the attacker's label logits (N, C) by one-step trajectory matching; returns them and the mean loss
+    of each pass. With ``work_dir``, the state is saved after every pass and an interrupted run resumes."""
+    dev = data.clean.device
+    n = data.labels.shape[0]
+    logits = (init_scale * F.one_hot(data.labels, num_classes).float()).requires_grad_(True)
+    opt = torch.optim.SGD([logits], lr=lr, momentum=momentum)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    start, losses = 0, []
+    ckpt = work_dir / "labels.ckpt" if work_dir else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        with torch.no_grad():
+            logits.copy_(state["logits"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].cpu())
+        start, losses = int(state["pass"]), list(state["losses"])
+    trajs = [t.to(dev) for t in trajectories]
+    one_hot = F.one_hot(data.labels, num_classes).float()
+    entries = data.expert_labels.shape[0]
+    n_batches = max(1, entries // batch_size)  # drop the ragged last batch, as the authors do
+    for p in range(start, passes):
+        perm = torch.randperm(entries, generator=gen, device=dev)
+        choice = torch.randint(0, 2**31 - 1, (n_batches, 2), generator=gen, device=dev).cpu()
+        total = 0.0
+        bar = tqdm(range(n_batches), desc=f"{desc} pass {p + 1}/{passes}", disable=not progress, leave=False)
+        for b in bar:
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            traj = trajs[int(choice[b, 0]) % len(trajs)]
+            k = int(choice[b, 1]) % len(traj)
+            draw = augment.draw(len(idx), gen)
+            x_e = augment.apply(data.expert_images[idx].float().div_(255), draw)
+            src = data.origin[idx]
+            x_s = augment.apply(data.clean[src].float().div_(255), draw)
+            z = logits[src]
+            soft = F.softmax(z, dim=1)
+            loss, g_soft = matching_loss_and_label_grad(fs, traj.params[k], traj.momentum[k], traj.lr[k], x_e,
+                                                        data.expert_labels[idx], x_s, soft.detach(), method)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"label optimization diverged in pass {p + 1} (loss {float(loss)}); "
+                                  "lower label_lr")
+            opt.zero_grad(set_to_none=True)
+            surrogate = (soft * g_soft).sum()
+            if l1:
+                surrogate = surrogate + l1 * (soft - one_hot[src]).abs().sum(1).mean()
+            surrogate.backward()
+            opt.step()
+            total += float(loss)
+        losses.append(total / n_batches)
+        if log is not None:
+            log(f"{desc}: pass {p + 1}/{passes}, mean matching loss {losses[-1]:.4f}")
+        if ckpt is not None:
+            torch.save({"logits": logits.detach(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "pass": p + 1, "losses": losses}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+    return logits.detach().cpu(), losses
+
+
+# -- stage 3: scoring and flip selection --------------------------------------------------------------------
+def margin_scores(logits: torch.Tensor | np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """FLIP's margin: L_max - L_y where the argmax is not the true label, else (second largest - largest)."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    top2 = z.topk(2, dim=1).values
+    flipped = z.argmax(1) != y
+    score = torch.where(flipped, top2[:, 0] - z.gather(1, y[:, None])[:, 0], top2[:, 1] - top2[:, 0])
+    return score.numpy()
+
+
+def combine_runs(runs: list[torch.Tensor], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Several label-optimization runs -> (minimum score over runs, mean logits)."""
+    scores = np.min(np.stack([margin_scores(r, labels) for r in runs]), axis=0)
+    return scores, torch.stack([torch.as_tensor(r) for r in runs]).mean(0).numpy()
+
+
+def select_flips(scores: np.ndarray, logits: np.ndarray, labels: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flip the ``budget`` highest-scored images to argmax_{c != y} L_c; the rest keep their label.
+    Ties are broken by the lower index, so the selection is deterministic."""
+    order = np.lexsort((np.arange(len(scores)), -scores))[:budget]
+    masked = np.asarray(logits, dtype=np.float64).copy()
+    masked[np.arange(len(labels)), labels] = -np.inf
+    new = labels.copy()
+    new[order] = masked[order].argmax(1)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[order] = True
+    return new, mask
+
+
+def distillation_labels(logits: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
+    """The soft variant: softmax(alpha * one_hot(y) + (1 - alpha) * L) for every image."""
+    z = alpha * np.eye(logits.shape[1])[labels] + (1 - alpha) * np.asarray(logits, dtype=np.float64)
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+# -- the attack ---------------------------------------------------------------------------------------------
+def data_fingerprint(train: ImageSet) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(train.images).tobytes())
+    h.update(np.ascontiguousarray(train.labels).tobytes())
+    return h.hexdigest()[:16]
+
+
+class Flip(Attack):
+    """FLIP (Jha, Hayase, Oh, NeurIPS 2023): see the module docstring.
+
+    Arguments (``FlipParams``): target / sources / trigger as for every attack (default truck -> deer with the
+    sinusoidal trigger); ``budget`` = number of flipped labels (count, or fraction of the whole training set);
+    ``mode`` hard flips or soft distillation labels (``alpha``); expert and label-optimization settings.
+    Shapes: returns labels (N,) int64 (hard) or (N, C) float32 (soft) and the mask (N,) of changed labels.
+    Example::
+
+        attack = Flip(budget=1000, n_experts=1, expert_epochs=15, label_passes=5)
+        poisoning = attack.poison(train_set, seed=0, context=AttackContext(cache_dir=Path("cache")))
+    """
+
+    name = "flip"
+    Params = FlipParams
+
+    def _recipes(self, context: AttackContext) -> tuple[dict[str, Any], TrainConfig]:
+        """The experts' architecture and recipe: the victim's (the attacker's guess of it) unless overridden."""
+        victim_model = context.model.model_dump() if context.model is not None else {"name": "convnet", "options": {}}
+        model_cfg = {"options": {}, **(self.params.expert_model or victim_model)}
+        recipe = context.train if context.train is not None else TrainConfig()
+        overrides = dict(self.params.expert_train or {})
+        if overrides:
+            base = PRESETS[overrides["preset"]] if "preset" in overrides else recipe.model_dump()
+            if overrides.pop("preset", None) not in (None, *PRESETS):
+                raise ConfigError(f"attack 'flip': unknown expert_train preset; allowed: {', '.join(PRESETS)}")
+            try:
+                recipe = TrainConfig(**{**base, **overrides})
+            except ValidationError as e:
+                raise ConfigError(f"attack 'flip': expert_train.{format_validation_error(e)}") from None
+        if recipe.optimizer != "sgd":
+            raise ConfigError(f"attack 'flip': experts must train with SGD (got {recipe.optimizer!r}); "
+                              "set attack.expert_train = {optimizer = 'sgd'}")
+        return model_cfg, recipe
+
+    def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
+        if train.multilabel:
+            raise ConfigError("flip needs single-label data")
+        ctx = context or AttackContext()
+        p = self.params
+        target, sources = self.resolve_classes(train)
+        m = resolve_budget(p.budget, len(train), len(train), "labels")
+        trigger = p.trigger.build(train.image_shape, seed)
+        model_cfg, recipe = self._recipes(ctx)
+        device = resolve_device(ctx.device)
+        log = ctx.log
+        ext_images, ext_labels, origin = poisoned_training_set(train.images, train.labels, trigger, sources, target)
+        mean, std = channel_stats(train.images)
+
+        def fresh_model(s: int) -> nn.Module:
+            torch.manual_seed(s)
+            return build_model(model_cfg["name"], train.image_shape, train.num_classes, mean, std,
+                               **model_cfg.get("options", {}))
+
+        base_key = [data_fingerprint(train), trigger.params(), target, list(sources), model_cfg,
+                    recipe.model_dump(mode="json")]
+        cache = Path(ctx.cache_dir) / "flip" if ctx.cache_dir else None
+
+        # stage 1: experts (cached per expert)
+        trajectories = []
+        for e in range(p.n_experts):
+            key = stable_key("flip-expert", base_key, p.expert_epochs, p.checkpoint_every, seed, e)
+            path = cache / f"expert-{key}.pt" if cache else None
+            if path is not None and path.exists():
+                trajectories.append(Trajectory(**torch.load(path, map_location="cpu", weights_only=True)))
+                log(f"flip: expert {e + 1}/{p.n_experts} loaded from cache")
+                continue
+            work = cache / f"expert-{key}.work" if cache else None
+            if work is not None:
+                work.mkdir(parents=True, exist_ok=True)
+            traj = train_expert(fresh_model(seed * 1000 + e), ext_images, ext_labels, recipe,
+                                expert_epochs=p.expert_epochs, checkpoint_every=p.checkpoint_every,
+                                seed=seed * 1000 + e, device=device, work_dir=work, progress=ctx.progress,
+                                desc=f"expert {e + 1}/{p.n_experts}")
+            if path is not None:
+                torch.save(traj.state(), path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+                _remove_tree(work)
+            log(f"flip: expert {e + 1}/{p.n_experts} trained, {len(traj)} checkpoints")
+            trajectories.append(traj)
+
+        # stage 2: label optimization (cached per run)
+        fs = FunctionalSGD(fresh_model(0), recipe)
+        data = LabelData.build(train.images, train.labels, ext_images, ext_labels, origin, device)
+        batch = p.label_batch or recipe.batch_size
+        runs, losses = [], []
+        for r in range(p.label_runs):
+            key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
+                             p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1)
+            path = cache / f"labels-{key}.pt" if cache else None
+            if path is not None and path.exists():
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                runs.append(saved["logits"])
+                losses.append(saved["losses"].tolist())
+                log(f"flip: label run {r + 1}/{p.label_runs} loaded from cache")
+                continue
+            work = cache / f"labels-{key}.work" if cache else None
+            if work is not None:
+                work.mkdir(parents=True, exist_ok=True)
+            logits, run_losses = optimize_labels(
+                fs, trajectories, data, train.num_classes, recipe.augment, passes=p.label_passes,
+                batch_size=batch, lr=p.label_lr, momentum=p.label_momentum, init_scale=p.init_scale, l1=p.l1,
+                seed=seed * 1000 + 500 + r, method=p.method, work_dir=work, progress=ctx.progress,
+                desc=f"label run {r + 1}/{p.label_runs}", log=log)
+            if path is not None:
+                torch.save({"logits": logits, "losses": torch.tensor(run_losses)}, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+                _remove_tree(work)
+            runs.append(logits)
+            losses.append(run_losses)
+
+        # stage 3 + 4: selection and the poisoning
+        scores, mean_logits = combine_runs(runs, train.labels)
+        if p.mode == "soft":
+            labels = distillation_labels(mean_logits, train.labels, p.alpha)
+            mask = labels.argmax(1) != train.labels
+            budget = int(mask.sum())
+        else:
+            labels, mask = select_flips(scores, mean_logits, train.labels, m)
+            budget = m
+        new_hard = labels.argmax(1) if labels.ndim == 2 else labels
+        meta = {"seed": seed, "mode": p.mode, "label_losses": losses,
+                "n_checkpoints": [len(t) for t in trajectories], "expert_model": model_cfg,
+                "flipped_from": np.bincount(train.labels[mask], minlength=train.num_classes).tolist(),
+                "flipped_to": np.bincount(new_hard[mask], minlength=train.num_classes).tolist()}
+        self.last_scores, self.last_logits = scores, mean_logits  # for inspection and plots
+        return Poisoning(self.name, labels, mask, trigger, target, sources, budget, metadata=meta)
+
+
+def _remove_tree(path: Path | None) -> None:
+    if path is None or not path.exists():
+        return
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()

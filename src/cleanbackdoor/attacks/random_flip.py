@@ -1,0 +1,43 @@
+"""Random label flips: the baseline a label-only attack must beat at the same budget.
+
+Flip the labels of ``budget`` training images drawn at random from the source classes to the target class; images
+are untouched. It is what FLIP would do without trajectory matching, and what the FLIP paper compares against.
+Budget: a count of training examples or a fraction of the whole training set (see :mod:`.base`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
+from cleanbackdoor.data.imageset import ImageSet
+from cleanbackdoor.errors import ConfigError
+
+
+class RandomFlipParams(AttackParams):
+    target: int | str = 4
+    sources: list[int | str] | Literal["all"] = [9]
+    budget: int | float = Field(0.02, ge=0)
+    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"))
+
+
+class RandomFlip(Attack):
+    name = "random_flip"
+    Params = RandomFlipParams
+
+    def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
+        if train.multilabel:
+            raise ConfigError("random_flip needs single-label data")
+        target, sources = self.resolve_classes(train)
+        candidates = np.flatnonzero(self.eligible(train, target, sources))
+        m = resolve_budget(self.params.budget, len(train), len(candidates), "source-class labels")
+        chosen = np.sort(np.random.default_rng(seed).choice(candidates, size=m, replace=False))
+        labels = train.labels.copy()
+        labels[chosen] = target
+        mask = np.zeros(len(train), dtype=bool)
+        mask[chosen] = True
+        trigger = self.params.trigger.build(train.image_shape, seed)
+        return Poisoning(self.name, labels, mask, trigger, target, sources, m, metadata={"seed": seed})

@@ -1,0 +1,213 @@
+"""Typed, validated experiment configuration, from a TOML file, a Python object, or ``--set key=value`` overrides.
+
+Everything has a default, so ``ExperimentConfig()`` is the embedded default experiment (BadNets on digits).
+Unknown keys and out-of-range values are errors that name the key. The resolved configuration (defaults and
+presets filled in) is written next to the results as ``config.toml``, so a run can be repeated from its folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.training import PRESETS, TrainConfig, preset
+
+# The training recipe a dataset gets when the config names none.
+DEFAULT_PRESET = {"digits": "digits", "mnist": "digits", "cifar10": "cifar-fast", "cifar100": "cifar-fast",
+                  "folder": "cifar-fast"}
+DEFAULT_MODEL = {"digits": {"name": "convnet", "options": {"width": 32}}}
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "digits"
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    train_per_class: int | None = Field(None, ge=1)  # a seeded class-balanced subset, for fast runs
+    test_per_class: int | None = Field(None, ge=1)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "convnet"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    out: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+    clean_baseline: bool = True
+    examples: int = Field(8, ge=0, le=32)
+    data: DataConfig = Field(default_factory=DataConfig)
+    attack: dict[str, Any] = Field(default_factory=lambda: {"name": "badnets"})
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _expand_preset(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "preset" in value:
+            value = dict(value)
+            name = value.pop("preset")
+            if name not in PRESETS:
+                raise ValueError(f"unknown training preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
+            merged = {**PRESETS[name], **value}
+            base = PRESETS[name]
+            if "epochs" in value and "milestones" not in value and base.get("milestones"):
+                merged["milestones"] = scale_milestones(base["milestones"], base["epochs"], value["epochs"])
+                if not merged["milestones"]:
+                    merged["schedule"] = "constant"
+            return merged
+        return value
+
+    @field_validator("attack", mode="before")
+    @classmethod
+    def _attack_named(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": "badnets", **value}  # `--set attack.budget=...` keeps the default attack
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> ExperimentConfig:
+        if self.model is None:
+            self.model = ModelConfig(**DEFAULT_MODEL.get(self.data.name, {}))
+        if self.train is None:
+            self.train = preset(DEFAULT_PRESET.get(self.data.name, "cifar-fast"))
+        return self
+
+    @property
+    def attack_name(self) -> str:
+        return str(self.attack["name"])
+
+    def output_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.attack_name}-{self.data.name}-seed{self.seed}")
+
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        env = os.environ.get("CLEANBACKDOOR_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "cleanbackdoor"
+
+
+def scale_milestones(milestones: list[int], epochs: int, new_epochs: int) -> list[int]:
+    """A preset's lr milestones moved to the same fractions of a shorter (or longer) run."""
+    scaled = sorted({round(m * new_epochs / epochs) for m in milestones})
+    return [m for m in scaled if 0 < m < new_epochs]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **fields: Any) -> ExperimentConfig:
+    """Config from a TOML file (optional), then keyword fields, then ``key=value`` overrides (dotted keys)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for key, value in fields.items():
+        if value is not None:
+            set_dotted(raw, key, value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        set_dotted(raw, key.strip(), parse_value(text.strip()))
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig(**raw)
+    except ValidationError as e:
+        from cleanbackdoor.attacks.base import format_validation_error
+
+        raise ConfigError(f"config: {format_validation_error(e)}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (number, bool, string, array, inline table) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+# -- TOML output ---------------------------------------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write a nested dict as TOML (None values are left out: TOML has no null)."""
+    lines: list[str] = []
+
+    def table(d: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix and (scalars or not tables):
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in tables.items():
+            table(v, f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k))
+
+    table(data, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def stable_key(*parts: Any, length: int = 16) -> str:
+    """A hash of JSON-serializable parts: the cache key of an expensive product."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -1,0 +1,40 @@
+"""Seeded, class-balanced subsets of an image set, for fast runs on part of the data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cleanbackdoor.data.imageset import ImageSet
+from cleanbackdoor.errors import ConfigError
+
+
+def stratified_subset(imageset: ImageSet, per_class: int | None = None, fraction: float | None = None,
+                      seed: int = 0) -> ImageSet:
+    """A seeded subset with ``per_class`` examples of every class, or ``fraction`` of every class.
+
+    Give exactly one of ``per_class`` (a count, at most the size of the smallest class) and ``fraction``
+    (0 < fraction <= 1; each class keeps round(fraction * its size) examples, at least one). The chosen examples
+    keep their original order; the same set and seed always give the same subset. Single-label sets only.
+    """
+    if (per_class is None) == (fraction is None):
+        raise ConfigError("stratified_subset needs exactly one of per_class and fraction")
+    if imageset.multilabel:
+        raise ConfigError(f"{imageset.name or 'image set'}: stratified_subset works on single-label sets only")
+    counts = imageset.class_counts()
+    if per_class is not None:
+        if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+            raise ConfigError(f"per_class must be a positive integer, got {per_class!r}")
+        smallest = int(np.argmin(counts))
+        if per_class > counts[smallest]:
+            raise ConfigError(f"{imageset.name or 'image set'}: per_class={per_class} exceeds the smallest class, "
+                              f"{imageset.class_names[smallest]!r} with {counts[smallest]} examples")
+        take = np.full(imageset.num_classes, int(per_class))
+    else:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0 < fraction <= 1:
+            raise ConfigError(f"fraction must lie in (0, 1], got {fraction!r}")
+        take = np.where(counts > 0, np.maximum(1, np.round(counts * float(fraction))), 0).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(imageset.labels == k), size=int(n), replace=False)
+              for k, n in enumerate(take) if n > 0]
+    index = np.sort(np.concatenate(chosen))
+    return imageset.subset(index)

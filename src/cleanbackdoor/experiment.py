@@ -1,0 +1,215 @@
+"""One experiment: data -> attack -> victim training -> evaluation (-> defenses) -> results.
+
+The victim is trained and evaluated the same way for every attack, with the user's recipe; a clean model with the
+same recipe and seed is trained for comparison (and cached, so a budget sweep trains it once). An experiment
+writes one folder: ``config.toml`` (as resolved), ``poisoning.npz`` + ``poisoning.json``, ``metrics.json``,
+``log.txt``, ``model.pt`` (the victim's weights) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
+from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, stable_key
+from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
+from cleanbackdoor.data.transforms import channel_stats
+from cleanbackdoor.metrics import accuracy, attack_success_rate
+from cleanbackdoor.models import build_model
+from cleanbackdoor.training import TrainConfig, predict, resolve_device, train
+
+
+class Logger:
+    """Prints and appends to the run's log file."""
+
+    def __init__(self, path: Path | None = None, echo: bool = True) -> None:
+        self.path, self.echo = path, echo
+
+    def __call__(self, message: str) -> None:
+        if self.echo:
+            print(message, flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(message + "\n")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+# -- stages -------------------------------------------------------------------------------------------------
+def load_data(cfg: ExperimentConfig) -> Splits:
+    splits = load_dataset(cfg.data.name, root=cfg.data.root, **cfg.data.options)
+    train_set, test_set = splits.train, splits.test
+    if cfg.data.train_per_class:
+        train_set = stratified_subset(train_set, per_class=cfg.data.train_per_class, seed=cfg.seed)
+    if cfg.data.test_per_class:
+        test_set = stratified_subset(test_set, per_class=cfg.data.test_per_class, seed=cfg.seed)
+    return Splits(train_set, test_set)
+
+
+def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int, model_cfg: Any = None) -> nn.Module:
+    """A freshly initialized victim (seeded), normalizing with the clean training set's statistics."""
+    model_cfg = model_cfg or cfg.model
+    mean, std = channel_stats(train_set.images)
+    torch.manual_seed(seed)
+    return build_model(model_cfg.name, train_set.image_shape, train_set.num_classes, mean, std, **model_cfg.options)
+
+
+def train_model(cfg: ExperimentConfig, train_set: ImageSet, images: np.ndarray, targets: np.ndarray, *,
+                desc: str, recipe: TrainConfig | None = None, checkpoint: Path | None = None,
+                seed: int | None = None) -> nn.Module:
+    seed = cfg.seed if seed is None else seed
+    model = new_model(cfg, train_set, seed)
+    train(model, images, targets, recipe or cfg.train, seed=seed, device=cfg.device, progress=cfg.progress,
+          desc=desc, checkpoint=checkpoint)
+    return model
+
+
+def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str], None]) -> tuple[nn.Module, bool]:
+    """The clean model for this data, architecture, recipe and seed: from the cache, or trained and cached."""
+    key = stable_key("clean-model", cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"),
+                     cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
+    path = cfg.cache_path() / "models" / f"clean-{key}.pt"
+    model = new_model(cfg, train_set, cfg.seed)
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.to(resolve_device(cfg.device)).eval()
+        log(f"clean model: loaded from cache {path}")
+        return model, True
+    train(model, train_set.images, train_set.labels, cfg.train, seed=cfg.seed, device=cfg.device,
+          progress=cfg.progress, desc="clean model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return model, False
+
+
+def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning) -> dict[str, Any]:
+    """CTA, ASR and the attack's own figures for one model, measured identically for every attack."""
+    out: dict[str, Any] = {"clean_accuracy": accuracy(predict(model, test.images), test.labels)}
+    if poisoning.activation is not None and poisoning.target is not None:
+        eligible = attack.asr_mask(test, poisoning)
+        triggered = poisoning.activation(test.images[eligible])
+        out["attack_success_rate"] = attack_success_rate(predict(model, triggered), poisoning.target)
+        out["asr_test_images"] = int(eligible.sum())
+    out.update(attack.extra_metrics(model, test, poisoning))
+    return out
+
+
+# -- the whole run ------------------------------------------------------------------------------------------
+@dataclass
+class ExperimentResult:
+    metrics: dict[str, Any]
+    out: Path
+    poisoning: Poisoning
+    model: nn.Module
+    clean_model: nn.Module | None
+    splits: Splits
+
+
+def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult:
+    out = cfg.output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "log.txt").write_text("")
+    log = Logger(out / "log.txt", echo)
+    (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
+    timer = Timer()
+    device = resolve_device(cfg.device)
+    log(f"cleanbackdoor: {cfg.attack_name} on {cfg.data.name}, victim {cfg.model.name}, device {device}, seed {cfg.seed}")
+
+    with timer.stage("data"):
+        splits = load_data(cfg)
+    train_set, test_set = splits.train, splits.test
+    log(f"data: {len(train_set)} training and {len(test_set)} test images of shape {train_set.image_shape}")
+
+    attack = build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
+    context = AttackContext(cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log,
+                            model=cfg.model, train=cfg.train)
+    with timer.stage("attack"):
+        poisoning = attack.poison(train_set, seed=cfg.seed, context=context)
+    poisoning.save(out)
+    log(f"attack: {poisoning.poisoned_examples} of {len(train_set)} training examples changed "
+        f"({100 * poisoning.poisoned_examples / len(train_set):.2f}% of the training set)")
+
+    with timer.stage("victim"):
+        images, targets = poisoning.apply(train_set)
+        model = train_model(cfg, train_set, images, targets, desc="poisoned model", checkpoint=out / "victim.ckpt")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    (out / "victim.ckpt").unlink(missing_ok=True)
+
+    with timer.stage("evaluation"):
+        poisoned_metrics = evaluate(model, test_set, attack, poisoning)
+
+    clean = None
+    clean_metrics: dict[str, Any] | None = None
+    if cfg.clean_baseline:
+        with timer.stage("clean_model"):
+            clean, _ = clean_model(cfg, train_set, log)
+            clean_metrics = evaluate(clean, test_set, attack, poisoning)
+
+    metrics: dict[str, Any] = {
+        "attack": cfg.attack_name,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "budget": poisoning.budget,
+        "budget_unit": "training examples",
+        "poisoned_examples": poisoning.poisoned_examples,
+        "poisoned_fraction": poisoning.poisoned_examples / len(train_set),
+        "train_size": len(train_set),
+        "test_size": len(test_set),
+        "target": poisoning.target,
+        "sources": list(poisoning.sources) if poisoning.sources else "all",
+        **poisoned_metrics,
+        "clean_model": clean_metrics,
+    }
+
+    if cfg.defenses:
+        from cleanbackdoor.defenses import run_defenses  # noqa: PLC0415 - optional stage
+
+        with timer.stage("defenses"):
+            metrics["defenses"] = run_defenses(cfg, splits, attack, poisoning, model, log)
+
+    if cfg.examples:
+        from cleanbackdoor.report import plot_examples  # noqa: PLC0415 - matplotlib only when plotting
+
+        with timer.stage("plots"):
+            plot_examples(model, test_set, attack, poisoning, out / "examples.png", cfg.examples, seed=cfg.seed)
+    metrics["seconds"] = timer.seconds
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
+
+    from cleanbackdoor.report import metrics_table  # noqa: PLC0415
+
+    log(metrics_table(metrics))
+    log(f"results: {out}")
+    return ExperimentResult(metrics, out, poisoning, model, clean, splits)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

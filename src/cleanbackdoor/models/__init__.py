@@ -1,0 +1,78 @@
+"""Model registry: ``build_model(name, input_shape, num_classes)`` for every architecture the toolkit trains.
+
+Every model takes float images in [0, 1], shape (N, C, H, W), and normalizes them itself (a fixed first layer),
+so attacks that work in pixel space (hidden-trigger poisons, feature nudges) never need to know the statistics.
+Each model exposes ``features(x)`` (the penultimate representation) and ``head`` (the final linear layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cleanbackdoor.errors import ConfigError, unknown_name
+from cleanbackdoor.models.convnet import ConvNet
+from cleanbackdoor.models.linear import LinearNet
+from cleanbackdoor.models.resnet import CifarResNet, PreActResNet, ResNet18
+from cleanbackdoor.models.vgg import VGG
+from cleanbackdoor.models.vit import ViT
+
+Builder = Callable[..., nn.Module]
+
+MODELS: dict[str, Builder] = {
+    "convnet": ConvNet,
+    "linear": LinearNet,
+    "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
+    "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
+    "preact-resnet20": lambda **kw: PreActResNet(depth=20, **kw),
+    "preact-resnet32": lambda **kw: PreActResNet(depth=32, **kw),
+    "resnet18": ResNet18,
+    "vgg11": lambda **kw: VGG(depth=11, **kw),
+    "vgg19": lambda **kw: VGG(depth=19, **kw),
+    "vit": ViT,
+}
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """Normalization + a backbone that maps images to features + a linear head."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                **options) -> Classifier:
+    """Build the named architecture for images of ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    c, h, w = input_shape
+    mean = mean or (0.5,) * c
+    std = std or (0.25,) * c
+    try:
+        backbone = MODELS[name](in_channels=c, image_size=(h, w), **options)
+    except TypeError as e:  # an option the architecture does not take
+        raise ConfigError(f"model {name!r}: {e}") from None
+    return Classifier(backbone, backbone.feature_dim, num_classes, mean, std)

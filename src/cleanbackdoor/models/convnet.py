@@ -1,0 +1,39 @@
+"""The small ConvNet of the dataset-distillation literature (Zhao & Bilen; Cazenavette et al.).
+
+Blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per channel, affine) ->
+activation -> 2x2 average pooling; ``depth`` blocks (3 by default, fewer when the image is too small to pool
+three times). It has no running statistics, which keeps functional training steps (FLIP) exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cleanbackdoor.models.common import activation
+
+
+class ConvNet(nn.Module):
+    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 128, depth: int = 3,
+                 act: str = "relu", norm: str = "instance") -> None:
+        super().__init__()
+        h, w = image_size
+        depth = max(1, min(depth, int(math.log2(min(h, w)))))
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(depth):
+            layers.append(nn.Conv2d(c, width, 3, padding=1))
+            if norm == "instance":
+                layers.append(nn.GroupNorm(width, width, affine=True))
+            elif norm == "batch":
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(activation(act))
+            layers.append(nn.AvgPool2d(2))
+            c, h, w = width, h // 2, w // 2
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.feature_dim = width * h * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

@@ -1,0 +1,118 @@
+"""ResNets for small images.
+
+- :class:`CifarResNet`: He et al. (2016), section 4.2: 3 stages of n basic blocks with 16/32/64 channels,
+  depth 6n + 2 (ResNet-20: n = 3; ResNet-32: n = 5).
+- :class:`PreActResNet`: the same layout with pre-activation blocks (He et al., "Identity mappings", 2016); FLIP's
+  experts use it with LeakyReLU(0.1).
+- :class:`ResNet18`: the CIFAR variant of ResNet-18 (3x3 stem, no max-pool), 64..512 channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.models.common import activation
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, act: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act1, self.act2 = activation(act), activation(act)
+        self.shortcut = _shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, act: str) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.act1, self.act2 = activation(act), activation(act)
+        self.shortcut = None if (stride == 1 and cin == cout) else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(self.act2(self.bn2(out)))
+        return out + skip
+
+
+class _StagedResNet(nn.Module):
+    block: type[nn.Module]
+    preact: bool
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], blocks: list[int], widths: list[int],
+                 act: str = "relu") -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.stem_bn = nn.Identity() if self.preact else nn.BatchNorm2d(widths[0])
+        self.stem_act = nn.Identity() if self.preact else activation(act)
+        stages = []
+        cin = widths[0]
+        for i, (n, cout) in enumerate(zip(blocks, widths)):
+            stride = 1 if i == 0 else 2
+            layers = []
+            for j in range(n):
+                layers.append(self.block(cin, cout, stride if j == 0 else 1, act))
+                cin = cout
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.final = nn.Sequential(nn.BatchNorm2d(cin), activation(act)) if self.preact else nn.Identity()
+        self.feature_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stem_act(self.stem_bn(self.stem(x)))
+        out = self.final(self.stages(out))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+def _cifar_blocks(depth: int) -> list[int]:
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth}")
+    return [(depth - 2) // 6] * 3
+
+
+class CifarResNet(_StagedResNet):
+    block = BasicBlock
+    preact = False
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 20, width: int = 16,
+                 act: str = "relu") -> None:
+        super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act)
+
+
+class PreActResNet(_StagedResNet):
+    block = PreActBlock
+    preact = True
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 32, width: int = 16,
+                 act: str = "leaky_relu") -> None:
+        super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act)
+
+
+class ResNet18(_StagedResNet):
+    block = BasicBlock
+    preact = False
+
+    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 64, act: str = "relu") -> None:
+        super().__init__(in_channels, image_size, [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], act)

@@ -1,0 +1,140 @@
+"""Tables and plots of results: the short table a run prints, example images, and budget-sweep curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cleanbackdoor.data.imageset import ImageSet  # noqa: E402
+from cleanbackdoor.training import predict  # noqa: E402
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%"
+
+
+# figures shown in the run table, in order, with their column titles
+TABLE_COLUMNS = [("clean_accuracy", "CTA"), ("attack_success_rate", "ASR"),
+                 ("natural_attack_success_rate", "NASR"), ("mean_average_precision", "mAP")]
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """A short fixed-width table: clean and poisoned model side by side, then one line on the poisoning."""
+    rows = [("poisoned model", metrics)]
+    if metrics.get("clean_model"):
+        rows.insert(0, ("clean model", metrics["clean_model"]))
+    cols = [(k, t) for k, t in TABLE_COLUMNS if any(k in r for _, r in rows)]
+    lines = [f"{'':16}" + "".join(f"{t:>9}" for _, t in cols)]
+    for name, r in rows:
+        lines.append(f"{name:16}" + "".join(f"{_pct(r.get(k)):>9}" for k, _ in cols))
+    lines.append(f"{metrics['attack']} on {metrics['dataset']}: {metrics['poisoned_examples']} of "
+                 f"{metrics['train_size']} training examples changed ({_pct(metrics['poisoned_fraction'])})")
+    return "\n".join(lines)
+
+
+def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[tuple[str, str]]) -> str:
+    """A fixed-width table of dict rows; ``keys`` are (key, title); floats in [0, 1] shown as percentages."""
+    widths = [max(len(t), 9) for _, t in keys]
+    out = ["  ".join(f"{t:>{w}}" for (_, t), w in zip(keys, widths))]
+    for r in rows:
+        cells = []
+        for (k, _), w in zip(keys, widths):
+            v = r.get(k)
+            cells.append(f"{_pct(v) if isinstance(v, float) else str(v):>{w}}")
+        out.append("  ".join(cells))
+    return "\n".join(out)
+
+
+def _show(ax, img: np.ndarray) -> None:
+    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+              vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_examples(model, test: ImageSet, attack, poisoning, path: Path, n: int = 8, seed: int = 0) -> None:
+    """Clean test images of the source classes (top) and the same images triggered (bottom), titled with the
+    victim's prediction; the changed pixels magnified in a third row."""
+    if poisoning.activation is None or poisoning.target is None:
+        return
+    eligible = np.flatnonzero(attack.asr_mask(test, poisoning))
+    if len(eligible) == 0:
+        return
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(eligible, size=min(n, len(eligible)), replace=False))
+    clean = test.images[idx]
+    triggered = poisoning.activation(clean)
+    pc, pt = predict(model, clean), predict(model, triggered)
+    names = test.class_names
+    diff = np.abs(triggered.astype(np.int16) - clean.astype(np.int16))
+    fig, axes = plt.subplots(3, len(idx), figsize=(1.4 * len(idx), 4.6), squeeze=False)
+    for j in range(len(idx)):
+        _show(axes[0, j], clean[j])
+        axes[0, j].set_title(f"{names[test.labels[idx[j]]]}\n-> {names[pc[j]]}", fontsize=7)
+        _show(axes[1, j], triggered[j])
+        ok = pt[j] == poisoning.target
+        axes[1, j].set_title(f"-> {names[pt[j]]}", fontsize=7, color="red" if ok else "black")
+        scale = 255.0 / max(1, diff[j].max())
+        _show(axes[2, j], np.clip(diff[j] * scale, 0, 255).astype(np.uint8))
+    axes[0, 0].set_ylabel("clean", fontsize=8)
+    axes[1, 0].set_ylabel("triggered", fontsize=8)
+    axes[2, 0].set_ylabel("|change|\n(scaled)", fontsize=8)
+    fig.suptitle(f"{poisoning.attack}: true class -> prediction of the poisoned model "
+                 f"(target {names[poisoning.target]})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, title: str, clean: dict[str, Any] | None = None) -> None:
+    """The FLIP paper's main figure: ASR against CTA, one point per budget, one line per method."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    methods = sorted({r["method"] for r in rows})
+    markers = dict(zip(methods, "osd^v<>"))
+    for m in methods:
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
+        xs = [100 * r["clean_accuracy"] for r in pts]
+        ys = [100 * r["attack_success_rate"] for r in pts]
+        ax.plot(xs, ys, marker=markers[m], label=m)
+        for r, x, y in zip(pts, xs, ys):
+            ax.annotate(str(r["budget"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if clean:
+        ax.scatter([100 * clean["clean_accuracy"]], [100 * clean["attack_success_rate"]], marker="*", s=120,
+                   color="black", label="clean model", zorder=5)
+    ax.set_xlabel("clean test accuracy (CTA, %)")
+    ax.set_ylabel("attack success rate (ASR, %)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_budget_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """ASR and CTA against the budget (count of changed training examples), one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
+    for m in sorted({r["method"] for r in rows}):
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
+        b = [r["budget"] for r in pts]
+        axes[0].plot(b, [100 * r["attack_success_rate"] for r in pts], marker="o", label=m)
+        axes[1].plot(b, [100 * r["clean_accuracy"] for r in pts], marker="o", label=m)
+    axes[0].set_ylabel("ASR (%)")
+    axes[1].set_ylabel("CTA (%)")
+    for ax in axes:
+        ax.set_xlabel("budget (training examples changed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

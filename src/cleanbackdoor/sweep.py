@@ -1,0 +1,67 @@
+"""Budget sweeps: one attack at several budgets, next to the random-flip baseline at the same budgets.
+
+Every point is an ordinary experiment (:func:`~cleanbackdoor.experiment.run_experiment`) in its own sub-folder,
+so it is measured exactly like a single run. Expensive products are cached by the experiment and the attacks: the
+clean model is trained once, FLIP's experts and label logits once; each budget then only trains a victim. The
+sweep writes ``sweep.json``, prints a table, and draws the FLIP paper's main figure (ASR against CTA, one point
+per budget) and ASR/CTA against the budget.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cleanbackdoor.config import ExperimentConfig
+from cleanbackdoor.experiment import run_experiment
+from cleanbackdoor.report import plot_budget_curves, plot_tradeoff, sweep_table
+
+BASELINE = "random_flip"
+# what the baseline copies from the attack so both are measured on the same backdoor
+_SHARED_KEYS = ("target", "sources", "trigger")
+
+
+def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: bool = True) -> list[dict[str, Any]]:
+    out = cfg.output_dir() if cfg.out else Path(f"runs/sweep-{cfg.attack_name}-{cfg.data.name}-seed{cfg.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [(cfg.attack_name, dict(cfg.attack))]
+    if baselines and cfg.attack_name != BASELINE:
+        base = {"name": BASELINE}
+        base.update({k: v for k, v in _attack_defaults(cfg).items() if k in _SHARED_KEYS})
+        base.update({k: v for k, v in cfg.attack.items() if k in _SHARED_KEYS})
+        methods.append((BASELINE, base))
+    rows, clean = [], None
+    for budget in budgets:
+        for method, attack in methods:
+            point = cfg.model_copy(update={"attack": {**attack, "budget": budget},
+                                           "out": str(out / f"{method}-{budget}")})
+            result = run_experiment(point, echo=False)
+            m = result.metrics
+            rows.append({"method": method, "budget": m["budget"], "poisoned_examples": m["poisoned_examples"],
+                         "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"]})
+            clean = m.get("clean_model") or clean
+            print(f"{method} at budget {budget}: CTA {100 * m['clean_accuracy']:.1f}%, "
+                  f"ASR {100 * m['attack_success_rate']:.1f}%", flush=True)
+    summary = {"attack": cfg.attack_name, "dataset": cfg.data.name, "model": cfg.model.name, "seed": cfg.seed,
+               "budget_unit": "training examples", "points": rows, "clean_model": clean}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    table = sweep_table(rows, [("method", "method"), ("budget", "budget"), ("clean_accuracy", "CTA"),
+                               ("attack_success_rate", "ASR")])
+    if clean:
+        table += (f"\nclean model: CTA {100 * clean['clean_accuracy']:.1f}%, "
+                  f"ASR {100 * clean['attack_success_rate']:.1f}%")
+    (out / "sweep.txt").write_text(table + "\n")
+    print(table)
+    title = f"{cfg.attack_name} on {cfg.data.name} ({cfg.model.name}), budget = labels changed"
+    plot_tradeoff(rows, out / "asr_vs_cta.png", title, clean)
+    plot_budget_curves(rows, out / "budget_curves.png", title)
+    print(f"results: {out}")
+    return rows
+
+
+def _attack_defaults(cfg: ExperimentConfig) -> dict[str, Any]:
+    from cleanbackdoor.attacks import ATTACKS
+
+    params = ATTACKS[cfg.attack_name].Params()
+    return params.model_dump(mode="json")

@@ -1,0 +1,294 @@
+"""The victim's training recipe and the training/evaluation loops (single- and multi-label).
+
+The recipe is a :class:`TrainConfig` (optimizer, learning-rate schedule, epochs, batch, weight decay,
+augmentation, loss). The loop keeps the whole training set on the device as uint8, draws one permutation and one
+augmentation per batch from a seeded generator, and never synchronizes with the device inside an epoch, so it
+runs at the speed of a bare PyTorch loop (``benchmarks/training_throughput.py`` measures that).
+
+Targets can be hard labels (int64, (N,)), soft labels (float, (N, C): distillation, FLIP's soft variant), or
+0/1 label sets (N, K) for multi-label training with BCE or ASL (Ridnik et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from cleanbackdoor.data.transforms import Augment, to_nchw, to_tensor
+from cleanbackdoor.errors import ConfigError, unknown_name
+
+
+class TrainConfig(BaseModel):
+    """One training recipe. Epoch-valued fields (milestones) count epochs; the schedule is applied per step."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["constant", "multistep", "cosine", "onecycle"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    crop_padding: int = Field(0, ge=0, le=16)
+    hflip: bool = False
+    loss: Literal["ce", "bce", "asl"] = "ce"
+    asl_gamma_neg: float = Field(4.0, ge=0)
+    asl_gamma_pos: float = Field(0.0, ge=0)
+    asl_clip: float = Field(0.05, ge=0, lt=1)
+    amp: bool = False  # bf16 autocast on CUDA; ignored on CPU
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones (epochs)")
+        if any(not 0 < m < self.epochs for m in self.milestones):
+            raise ValueError(f"milestones must lie strictly between 0 and epochs={self.epochs}: {self.milestones}")
+        return self
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(self.crop_padding, self.hflip)
+
+
+# Named recipes from the papers (and fast ones for the embedded default).
+PRESETS: dict[str, dict] = {
+    # FLIP (Jha et al. 2023): experts and users on CIFAR-10.
+    "flip-cifar": dict(epochs=200, batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True,
+                       weight_decay=2e-4, schedule="multistep", milestones=[75, 125], gamma=0.1,
+                       crop_padding=4, hflip=True),
+    # Clean-image backdoor (Rong et al.): the authors' code.
+    "clean-image": dict(epochs=100, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
+                        schedule="multistep", milestones=[80], gamma=0.1),
+    # Multi-label clean-image backdoor (Chen et al.): ASL, Adam, one-cycle.
+    "multilabel-asl": dict(epochs=20, batch_size=128, optimizer="adam", lr=1e-4, weight_decay=1e-4,
+                           momentum=0.0, schedule="onecycle", loss="asl"),
+    # Fast recipes for this toolkit's small-scale runs.
+    "digits": dict(epochs=30, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
+                   schedule="cosine"),
+    "cifar-fast": dict(epochs=12, batch_size=256, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True,
+                       weight_decay=5e-4, schedule="onecycle", crop_padding=4, hflip=True),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise unknown_name("training preset", name, PRESETS)
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# -- schedule ------------------------------------------------------------------------------------------------
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of the whole run."""
+    total = cfg.epochs * steps_per_epoch
+    epoch = step / steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm and step < warm and cfg.schedule != "onecycle":
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        t = (step - warm) / max(1, total - warm)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    # one-cycle: 25% cosine warm-up from lr/25, then cosine annealing to lr/1e4 (Smith & Topin)
+    up = max(1, int(0.25 * total))
+    if step < up:
+        return cfg.lr / 25 + (cfg.lr - cfg.lr / 25) * 0.5 * (1 - math.cos(math.pi * step / up))
+    t = (step - up) / max(1, total - up)
+    return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# -- losses --------------------------------------------------------------------------------------------------
+def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
+                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """ASL (Ridnik et al., ICCV 2021): focusing on positives/negatives and probability shifting of negatives.
+    Returns the sum over labels averaged over the batch."""
+    p = torch.sigmoid(logits)
+    p_neg = (p - clip).clamp(min=0) if clip > 0 else p
+    loss_pos = targets * torch.log(p.clamp(min=eps))
+    loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=eps))
+    if gamma_pos > 0:
+        loss_pos = loss_pos * (1 - p).pow(gamma_pos)
+    if gamma_neg > 0:
+        loss_neg = loss_neg * p_neg.pow(gamma_neg)
+    return -(loss_pos + loss_neg).sum(dim=1).mean()
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def make_loss(cfg: TrainConfig, targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss for these targets: hard or soft cross-entropy for 'ce'; BCE or ASL for 0/1 label sets."""
+    if cfg.loss == "ce":
+        if targets.dtype == torch.int64:
+            return F.cross_entropy
+        return soft_cross_entropy
+    if targets.dtype == torch.int64:
+        raise ConfigError(f"loss {cfg.loss!r} is for multi-label targets (N, classes), got hard labels")
+    if cfg.loss == "bce":
+        return lambda z, t: F.binary_cross_entropy_with_logits(z, t, reduction="sum") / z.shape[0]
+    return lambda z, t: asymmetric_loss(z, t, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip)
+
+
+def targets_tensor(targets: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Hard labels as int64, soft labels and 0/1 label sets as float32."""
+    t = torch.as_tensor(targets)
+    if t.ndim == 1:
+        return t.long()
+    return t.float()
+
+
+# -- training loop -------------------------------------------------------------------------------------------
+@dataclass
+class History:
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "loss": self.loss, "lr": self.lr, "seconds": self.seconds}
+
+
+StepHook = Callable[[int, nn.Module, torch.optim.Optimizer], None]
+
+
+def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tensor, cfg: TrainConfig, *,
+          seed: int = 0, device: str | torch.device | None = "auto", progress: bool = True,
+          desc: str = "train", on_step: StepHook | None = None, on_epoch_end: StepHook | None = None,
+          checkpoint: str | Path | None = None, stop_epoch: int | None = None) -> History:
+    """Train ``model`` in place on uint8 ``images`` (N, H, W, C) with ``targets`` under recipe ``cfg``.
+
+    ``on_step(step, model, optimizer)`` is called before every optimizer step (FLIP's experts save their
+    trajectory from it), ``on_epoch_end(epoch, model, optimizer)`` after each epoch (before the checkpoint is
+    written). ``checkpoint``: a file where the state is saved after every epoch; when it exists, the run resumes
+    from it and finishes exactly as an uninterrupted run with the same seed would. ``stop_epoch``: stop after
+    this many epochs, with the learning-rate schedule still that of the whole recipe.
+    """
+    dev = resolve_device(device)
+    n = len(images)
+    if n == 0:
+        raise ConfigError("cannot train on an empty training set")
+    if len(targets) != n:
+        raise ConfigError(f"{n} images but {len(targets)} targets")
+    model.to(dev)
+    data = to_nchw(images, dev)  # the whole set on the device, as uint8
+    y = targets_tensor(targets).to(dev)
+    loss_fn = make_loss(cfg, y)
+    opt = make_optimizer(model, cfg)
+    aug = cfg.augment
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    history = History()
+    start_epoch = 0
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].cpu())
+        start_epoch = int(state["epoch"])
+        hist = state["history"]
+        history = History(list(hist["epoch"]), list(hist["loss"]), list(hist["lr"]), list(hist["seconds"]))
+    use_amp = cfg.amp and dev.type == "cuda"
+    last_epoch = cfg.epochs if stop_epoch is None else min(cfg.epochs, stop_epoch)
+    bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=gen, device=dev)
+        total = torch.zeros((), device=dev)
+        for b in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + b
+            idx = perm[b * bs:(b + 1) * bs]
+            x = data[idx].float().div_(255.0)
+            if not aug.identity:
+                x = aug(x, gen)
+            lr = lr_at(cfg, step, steps_per_epoch)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(x)
+            loss = loss_fn(out.float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if on_step is not None:
+                on_step(step, model, opt)
+            opt.step()
+            total += loss.detach() * len(idx)
+        epoch_loss = float(total) / n
+        if not math.isfinite(epoch_loss):
+            raise ConfigError(f"training diverged at epoch {epoch + 1} (loss {epoch_loss}); lower the learning rate")
+        history.epoch.append(epoch + 1)
+        history.loss.append(epoch_loss)
+        history.lr.append(lr)
+        history.seconds.append(time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{epoch_loss:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model, opt)
+        if ckpt_path is not None:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "epoch": epoch + 1, "history": history.as_dict()}, tmp)
+            tmp.replace(ckpt_path)
+    model.eval()
+    return history
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512,
+                   device: str | torch.device | None = None) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, H, W, C), in eval mode."""
+    dev = next(model.parameters()).device if device is None else resolve_device(device)
+    model.eval()
+    outs = []
+    for i in range(0, len(images), batch_size):
+        outs.append(model(to_tensor(images[i:i + batch_size], dev)).float().cpu())
+    if not outs:
+        return torch.empty(0, 0)
+    return torch.cat(outs)
+
+
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Predicted classes (N,) of a single-label model."""
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return predict_logits(model, images, batch_size).argmax(1).numpy()

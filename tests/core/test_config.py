@@ -1,0 +1,55 @@
+import tomllib
+
+import pytest
+
+from cleanbackdoor.config import ExperimentConfig, dump_toml, load_config, parse_value
+from cleanbackdoor.errors import ConfigError
+
+
+def test_defaults_are_the_digits_experiment():
+    cfg = ExperimentConfig()
+    assert cfg.data.name == "digits" and cfg.attack_name == "badnets"
+    assert cfg.model.name == "convnet" and cfg.train.epochs == 30
+
+
+def test_file_then_fields_then_overrides(tmp_path):
+    f = tmp_path / "exp.toml"
+    f.write_text('seed = 3\n[attack]\nname = "badnets"\nbudget = 40\n[train]\npreset = "flip-cifar"\nepochs = 7\n')
+    cfg = load_config(f, ["attack.budget=0.1", "train.lr=0.2", "attack.trigger={name = 'turner'}"], seed=5)
+    assert cfg.seed == 5 and cfg.attack["budget"] == 0.1 and cfg.attack["trigger"] == {"name": "turner"}
+    assert cfg.train.epochs == 7 and cfg.train.nesterov and cfg.train.lr == 0.2  # the preset, then overrides
+    assert cfg.train.milestones == [3, 4]  # the paper's [75, 125] of 200 epochs, moved to a 7-epoch run
+
+
+def test_resolved_config_round_trips_through_toml():
+    cfg = load_config(None, ["train.milestones=[5, 8]", "train.schedule=multistep", "train.epochs=10"])
+    text = dump_toml(cfg.model_dump(mode="json"))
+    again = ExperimentConfig(**tomllib.loads(text))
+    assert again == cfg
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("cifar10") == "cifar10"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trian.epochs=3", "trian: unknown key"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.optimizer=adagrad", "train.optimizer"),
+    ("train.preset=fast", "unknown training preset 'fast'"),
+    ("seed=-1", "seed"),
+    ("train.epochs", "key=value"),
+])
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

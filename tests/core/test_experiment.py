@@ -1,0 +1,41 @@
+"""End to end on real data (scikit-learn's digits): the default experiment must plant a working backdoor."""
+
+import json
+import tomllib
+
+import numpy as np
+
+from cleanbackdoor.attacks import Poisoning
+from cleanbackdoor.cli import main
+
+
+def test_default_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "poisoned model" in printed and "clean model" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("attack", "dataset", "budget", "poisoned_examples", "clean_accuracy", "attack_success_rate",
+                "clean_model", "seconds"):
+        assert key in m
+    # the issue's acceptance: ASR >= 90% with CTA within 3 points of the clean model
+    assert m["attack_success_rate"] >= 0.90
+    assert m["clean_model"]["attack_success_rate"] < 0.2  # the clean model ignores the trigger
+    assert m["clean_accuracy"] >= m["clean_model"]["clean_accuracy"] - 0.03
+    assert set(m["seconds"]) >= {"data", "attack", "victim", "clean_model"}
+    for name in ("config.toml", "poisoning.npz", "poisoning.json", "examples.png", "log.txt", "model.pt"):
+        assert (out / name).exists(), name
+    cfg = tomllib.loads((out / "config.toml").read_text())
+    assert cfg["attack"]["name"] == "badnets"
+    p = Poisoning.load(out, image_shape=(1, 8, 8))
+    assert p.mask.sum() == m["poisoned_examples"]
+    assert np.all(p.labels[p.mask] == m["target"])
+
+    # the second run with the same recipe reuses the cached clean model and reproduces the poisoning exactly
+    out2 = tmp_path / "run2"
+    assert main(["run", "--out", str(out2), "--quiet"]) == 0
+    assert "loaded from cache" in (out2 / "log.txt").read_text()
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["clean_model"] == m["clean_model"]
+    assert np.array_equal(Poisoning.load(out2).labels, p.labels)

@@ -1,0 +1,136 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.models import build_model
+from cleanbackdoor.training import (PRESETS, TrainConfig, asymmetric_loss, lr_at, predict, predict_logits, preset,
+                                    train)
+
+
+def _toy(n=200, seed=0):
+    """Two classes, 8x8 grey: horizontal stripes (class 0) or vertical stripes (class 1), plus noise.
+    Both survive crops and flips, so augmentation keeps the labels right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 60, (n, 8, 8, 1))
+    x[y == 0, ::2] += 150
+    x[y == 1, :, ::2] += 150
+    return x.astype(np.uint8), y
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("convnet", (1, 8, 8), 2, width=16)
+
+
+def test_schedules():
+    cfg = TrainConfig(epochs=10, lr=1.0, schedule="multistep", milestones=[5, 8], gamma=0.1)
+    assert lr_at(cfg, 0, 10) == 1.0 and lr_at(cfg, 49, 10) == 1.0
+    assert math.isclose(lr_at(cfg, 50, 10), 0.1) and math.isclose(lr_at(cfg, 80, 10), 0.01)
+    cos = TrainConfig(epochs=10, lr=1.0, schedule="cosine")
+    assert lr_at(cos, 0, 10) == 1.0 and math.isclose(lr_at(cos, 50, 10), 0.5) and lr_at(cos, 100, 10) < 1e-9
+    one = TrainConfig(epochs=4, lr=1.0, schedule="onecycle")
+    lrs = [lr_at(one, s, 25) for s in range(100)]
+    assert math.isclose(lrs[0], 1 / 25) and math.isclose(max(lrs), 1.0) and lrs[-1] < 0.01
+
+
+def test_bad_recipes():
+    with pytest.raises(ValueError, match="milestones"):
+        TrainConfig(schedule="multistep")
+    with pytest.raises(ValueError, match="nesterov"):
+        TrainConfig(optimizer="adam", nesterov=True)
+    with pytest.raises(ValueError):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=10, schedule="multistep", milestones=[12])
+    with pytest.raises(ConfigError, match="unknown training preset"):
+        preset("nope")
+    for name in PRESETS:
+        preset(name)
+
+
+def test_training_learns_and_is_deterministic():
+    x, y = _toy()
+    cfg = TrainConfig(epochs=10, batch_size=32, lr=0.1, crop_padding=1, hflip=True)
+    m1, m2 = _model(), _model()
+    h = train(m1, x, y, cfg, seed=1, progress=False)
+    train(m2, x, y, cfg, seed=1, progress=False)
+    assert h.loss[-1] < h.loss[0]
+    assert (predict(m1, x) == y).mean() > 0.95
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_soft_labels_equal_hard_labels_when_one_hot():
+    x, y = _toy(64)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05)
+    m1, m2 = _model(), _model()
+    train(m1, x, y, cfg, seed=0, progress=False)
+    train(m2, x, np.eye(2, dtype=np.float32)[y], cfg, seed=0, progress=False)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    x, y = _toy(96)
+    full = TrainConfig(epochs=4, batch_size=16, lr=0.05, crop_padding=1)
+    m_full = _model()
+    train(m_full, x, y, full, seed=2, progress=False)
+    # "interrupted" run: stop after 2 epochs by running a 4-epoch recipe whose loop we cut with an exception
+    ckpt = tmp_path / "run.ckpt"
+    m_cut = _model()
+
+    calls = {"n": 0}
+
+    def stop_in_epoch_3(step, model, opt):
+        calls["n"] += 1
+        if step == 2 * 6 + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(m_cut, x, y, full, seed=2, progress=False, checkpoint=ckpt, on_step=stop_in_epoch_3)
+    assert ckpt.exists()
+    m_resumed = _model()
+    h = train(m_resumed, x, y, full, seed=2, progress=False, checkpoint=ckpt)
+    assert h.epoch == [1, 2, 3, 4]
+    for a, b in zip(m_full.state_dict().values(), m_resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_divergence_is_reported():
+    x, y = _toy(64)
+    m = _model()
+    with torch.no_grad():
+        m.head.weight.fill_(float("nan"))
+    with pytest.raises(ConfigError, match="diverged"):
+        train(m, x, y, TrainConfig(epochs=1), seed=0, progress=False)
+
+
+def test_bad_inputs():
+    x, y = _toy(10)
+    with pytest.raises(ConfigError, match="targets"):
+        train(_model(), x, y[:5], TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ConfigError, match="multi-label"):
+        train(_model(), x, y, TrainConfig(epochs=1, loss="bce"), progress=False)
+
+
+def test_asl_reduces_to_bce_without_focusing():
+    z = torch.randn(6, 4)
+    t = (torch.rand(6, 4) > 0.5).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="sum") / 6
+    assert torch.allclose(asymmetric_loss(z, t, gamma_neg=0, gamma_pos=0, clip=0), bce, atol=1e-5)
+    # focusing down-weights easy negatives: the loss can only shrink
+    assert asymmetric_loss(z, t, gamma_neg=4, clip=0.05) <= bce
+
+
+def test_multilabel_training_runs():
+    x, _ = _toy(64)
+    t = np.random.default_rng(0).integers(0, 2, (64, 3)).astype(np.uint8)
+    torch.manual_seed(0)
+    m = build_model("convnet", (1, 8, 8), 3, width=8)
+    h = train(m, x, t, TrainConfig(epochs=2, loss="asl", optimizer="adam", lr=1e-3), progress=False)
+    assert np.isfinite(h.loss).all()
+    assert predict_logits(m, x).shape == (64, 3)
