@@ -8,6 +8,7 @@ writes one folder: ``config.toml`` (as resolved), ``poisoning.npz`` + ``poisonin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -77,11 +78,11 @@ def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int, model_cfg: 
 
 def train_model(cfg: ExperimentConfig, train_set: ImageSet, images: np.ndarray, targets: np.ndarray, *,
                 desc: str, recipe: TrainConfig | None = None, checkpoint: Path | None = None,
-                seed: int | None = None) -> nn.Module:
+                checkpoint_key: str = "", seed: int | None = None) -> nn.Module:
     seed = cfg.seed if seed is None else seed
     model = new_model(cfg, train_set, seed)
     train(model, images, targets, recipe or cfg.train, seed=seed, device=cfg.device, progress=cfg.progress,
-          desc=desc, checkpoint=checkpoint)
+          desc=desc, checkpoint=checkpoint, checkpoint_key=checkpoint_key)
     return model
 
 
@@ -153,7 +154,9 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
 
     with timer.stage("victim"):
         images, targets = poisoning.apply(train_set)
-        model = train_model(cfg, train_set, images, targets, desc="poisoned model", checkpoint=out / "victim.ckpt")
+        run_key = stable_key(config_to_dict(cfg), hashlib.sha256(poisoning.labels.tobytes()).hexdigest())
+        model = train_model(cfg, train_set, images, targets, desc="poisoned model", checkpoint=out / "victim.ckpt",
+                            checkpoint_key=run_key)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     (out / "victim.ckpt").unlink(missing_ok=True)
 

@@ -191,14 +191,15 @@ StepHook = Callable[[int, nn.Module, torch.optim.Optimizer], None]
 def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tensor, cfg: TrainConfig, *,
           seed: int = 0, device: str | torch.device | None = "auto", progress: bool = True,
           desc: str = "train", on_step: StepHook | None = None, on_epoch_end: StepHook | None = None,
-          checkpoint: str | Path | None = None, stop_epoch: int | None = None) -> History:
+          checkpoint: str | Path | None = None, checkpoint_key: str = "", stop_epoch: int | None = None) -> History:
     """Train ``model`` in place on uint8 ``images`` (N, H, W, C) with ``targets`` under recipe ``cfg``.
 
     ``on_step(step, model, optimizer)`` is called before every optimizer step (FLIP's experts save their
     trajectory from it), ``on_epoch_end(epoch, model, optimizer)`` after each epoch (before the checkpoint is
     written). ``checkpoint``: a file where the state is saved after every epoch; when it exists, the run resumes
-    from it and finishes exactly as an uninterrupted run with the same seed would. ``stop_epoch``: stop after
-    this many epochs, with the learning-rate schedule still that of the whole recipe.
+    from it and finishes exactly as an uninterrupted run with the same seed would. ``checkpoint_key`` names the
+    run's inputs: a checkpoint written under another key (another recipe, model or data) is ignored and replaced.
+    ``stop_epoch``: stop after this many epochs, with the learning-rate schedule still that of the whole recipe.
     """
     dev = resolve_device(device)
     n = len(images)
@@ -219,8 +220,14 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
     history = History()
     start_epoch = 0
     ckpt_path = Path(checkpoint) if checkpoint else None
+    key = f"{checkpoint_key}|{cfg.model_dump_json()}|{seed}|{n}"
+    state = None
     if ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        if state.get("key") != key:
+            print(f"{ckpt_path}: checkpoint of a different run, starting afresh", flush=True)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"].cpu())
@@ -266,7 +273,7 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         if ckpt_path is not None:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                        "epoch": epoch + 1, "history": history.as_dict()}, tmp)
+                        "epoch": epoch + 1, "history": history.as_dict(), "key": key}, tmp)
             tmp.replace(ckpt_path)
     model.eval()
     return history

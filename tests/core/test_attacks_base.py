@@ -72,3 +72,11 @@ def test_poisoning_round_trip(tmp_path):
 def test_registry_names_match():
     for name, cls in ATTACKS.items():
         assert cls.name == name
+
+
+def test_random_flip_changes_labels_only():
+    train = _set()
+    p = build_attack("random_flip", {"budget": 9, "target": 3, "sources": [1]}).poison(train, seed=2)
+    assert p.mask.sum() == 9 and (train.labels[p.mask] == 1).all() and (p.labels[p.mask] == 3).all()
+    assert p.images is None
+    assert np.array_equal(p.apply(train)[0], train.images)

@@ -134,3 +134,13 @@ def test_multilabel_training_runs():
     h = train(m, x, t, TrainConfig(epochs=2, loss="asl", optimizer="adam", lr=1e-3), progress=False)
     assert np.isfinite(h.loss).all()
     assert predict_logits(m, x).shape == (64, 3)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
+    x, y = _toy(64)
+    ckpt = tmp_path / "run.ckpt"
+    train(_model(), x, y, TrainConfig(epochs=1, batch_size=16), seed=0, progress=False, checkpoint=ckpt)
+    wide = build_model("convnet", (1, 8, 8), 2, width=4)  # another architecture, another recipe
+    h = train(wide, x, y, TrainConfig(epochs=2, batch_size=16, lr=0.01), seed=0, progress=False, checkpoint=ckpt)
+    assert h.epoch == [1, 2]
+    assert "checkpoint of a different run" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, resolve_budget
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
@@ -25,14 +25,11 @@ class BadNets(Attack):
         if train.multilabel:
             raise ConfigError("badnets needs single-label data; use the 'multilabel' attack for label sets")
         target, sources = self.resolve_classes(train)
-        candidates = np.flatnonzero(self.eligible(train, target, sources))
-        m = resolve_budget(self.params.budget, len(train), len(candidates), "source-class images")
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(candidates, size=m, replace=False))
+        chosen = self.sample_sources(train, target, sources, seed)
         trigger = self.params.trigger.build(train.image_shape, seed)
         labels = train.labels.copy()
         labels[chosen] = target
         mask = np.zeros(len(train), dtype=bool)
         mask[chosen] = True
-        return Poisoning(self.name, labels, mask, trigger, target, sources, m, chosen, trigger(train.images[chosen]),
+        return Poisoning(self.name, labels, mask, trigger, target, sources, len(chosen), chosen, trigger(train.images[chosen]),
                          metadata={"seed": seed})

@@ -219,6 +219,13 @@ class Attack(ABC):
     def eligible(self, train: ImageSet, target: int, sources: tuple[int, ...] | None) -> np.ndarray:
         return asr_eligible(train.labels, target, sources)
 
+    def sample_sources(self, train: ImageSet, target: int, sources: tuple[int, ...] | None,
+                       seed: int) -> np.ndarray:
+        """``budget`` training indices drawn at random (seeded) among the source-class images, sorted."""
+        candidates = np.flatnonzero(self.eligible(train, target, sources))
+        m = resolve_budget(self.params.budget, len(train), len(candidates), "source-class images")
+        return np.sort(np.random.default_rng(seed).choice(candidates, size=m, replace=False))
+
     # -- the contract ---------------------------------------------------------------------------------------
     @abstractmethod
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:

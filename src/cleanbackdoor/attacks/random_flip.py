@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
@@ -32,12 +32,10 @@ class RandomFlip(Attack):
         if train.multilabel:
             raise ConfigError("random_flip needs single-label data")
         target, sources = self.resolve_classes(train)
-        candidates = np.flatnonzero(self.eligible(train, target, sources))
-        m = resolve_budget(self.params.budget, len(train), len(candidates), "source-class labels")
-        chosen = np.sort(np.random.default_rng(seed).choice(candidates, size=m, replace=False))
+        chosen = self.sample_sources(train, target, sources, seed)
         labels = train.labels.copy()
         labels[chosen] = target
         mask = np.zeros(len(train), dtype=bool)
         mask[chosen] = True
         trigger = self.params.trigger.build(train.image_shape, seed)
-        return Poisoning(self.name, labels, mask, trigger, target, sources, m, metadata={"seed": seed})
+        return Poisoning(self.name, labels, mask, trigger, target, sources, len(chosen), metadata={"seed": seed})

@@ -39,7 +39,7 @@ _ARRAYS_VERSION = 1
 
 
 def cache_root() -> Path:
-    """The folder dataset cache entries go in: ``$CLEANBACKDOOR_CACHE/datasets`` or ``~/.cache/cleanbackdoor/datasets``."""
+    """Where dataset cache entries go: ``$CLEANBACKDOOR_CACHE/datasets``, else ``~/.cache/cleanbackdoor/datasets``."""
     env = os.environ.get("CLEANBACKDOOR_CACHE")
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "cleanbackdoor"
     return base / "datasets"

@@ -81,12 +81,12 @@ def _mnist(root: str | Path | None = None, **options) -> Splits:
     if path.is_file() and is_archive(path):
         if _archive_format(path) == "tree":
             return load_folder_splits(path, channels=1, name="mnist")
-        path = extract_archive(path)
-        inner = [path, *(p for p in sorted(path.iterdir()) if p.is_dir())]
+        extracted = extract_archive(path)
+        inner = [extracted, *(p for p in sorted(extracted.iterdir()) if p.is_dir())]
         for folder in inner:
             if find_idx_files(folder) is not None:
                 return load_mnist_idx(folder)
-        raise DataError(f"archive {root} holds no complete set of MNIST IDX files")
+        raise DataError(f"archive {path} holds no complete set of MNIST IDX files")
     if path.is_dir() and find_idx_files(path) is not None:
         return load_mnist_idx(path)
     if find_split_root(path) is not None:

@@ -13,6 +13,7 @@ anything else (``os.system``, ``builtins.eval`` ...) is refused with a :class:`D
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import pickle
 from pathlib import Path
@@ -42,7 +43,9 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     """The globals an array pickle needs, under both numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) names."""
     reconstruct = _numpy_global("_reconstruct", "numpy._core.multiarray", "numpy.core.multiarray")
     frombuffer = _numpy_global("_frombuffer", "numpy._core.numeric", "numpy.core.numeric")  # pickle protocol 5
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    # _codecs.encode is how Python 3 writes bytes at pickle protocol 2 (a re-pickled batch); it only converts text.
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                              ("_codecs", "encode"): codecs.encode}
     for module in ("numpy.core", "numpy._core"):
         if reconstruct is not None:
             allowed[(f"{module}.multiarray", "_reconstruct")] = reconstruct
@@ -58,8 +61,9 @@ class RefusedGlobal(pickle.UnpicklingError):
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that builds only plain containers, strings, numbers and numpy arrays.
 
-    Dicts, lists, bytes, str and ints need no globals; numpy arrays need ``_reconstruct``/``_frombuffer``,
-    ``ndarray`` and ``dtype``. ``find_class`` refuses every other global, so a pickle cannot call anything else.
+    Dicts, lists, bytes, str and ints need no globals; numpy arrays need ``_reconstruct`` (``_frombuffer`` at
+    protocol 5), ``ndarray`` and ``dtype``; Python 3 writes bytes at protocol 2 as ``_codecs.encode``. ``find_class``
+    refuses every other global, so a pickle cannot call anything else.
     """
 
     _allowed: dict[tuple[str, str], object] | None = None

@@ -1,4 +1,4 @@
-"""Class-per-folder image trees: ``root/<class>/<image>``, and split trees ``root/train/<class>`` + ``root/test/<class>``.
+"""Class-per-folder image trees ``root/<class>/<image>``, and split trees ``root/{train,test}/<class>/<image>``.
 
 Class names are the sorted folder names (the ImageFolder convention: for CIFAR-10's class folders the alphabetical
 order is the standard label order). Files are taken in natural order (``2.png`` before ``10.png``), so the order of
@@ -134,11 +134,14 @@ def _scan_archive(path: Path) -> tuple[dict[str, dict[str, list[Item]]], str]:
 # -- decoding ---------------------------------------------------------------------------------------------------
 def _open(name: str, source: Path | bytes) -> Image.Image:
     """Open and fully decode one image (``load()`` forces decoding, so truncation is caught here)."""
+    img = None
     try:
         img = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
         img.load()
         return img
     except Exception as exc:  # Pillow raises many types for bad files: OSError, SyntaxError, ValueError ...
+        if img is not None:
+            img.close()
         raise DataError(f"cannot decode image {name}: {exc}") from exc
 
 
@@ -146,11 +149,10 @@ def _target_mode(img: Image.Image) -> str:
     if img.mode in _GRAY_MODES:
         return "L"
     if img.mode == "P":
-        palette = np.asarray(img.getpalette("RGB") or [0, 0, 0], dtype=np.uint8).reshape(-1, 3)
-        used = np.unique(np.asarray(img)) if palette.shape[0] > 0 else []
-        used = [i for i in used if i < palette.shape[0]]
-        gray = all(palette[i, 0] == palette[i, 1] == palette[i, 2] for i in used)
-        return "L" if gray else "RGB"
+        palette = np.asarray(img.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+        used = np.unique(np.asarray(img))
+        colours = palette[used[used < len(palette)]]
+        return "L" if (colours == colours[:, :1]).all() else "RGB"  # gray when every used entry has R = G = B
     return "RGB"
 
 

@@ -1,0 +1,98 @@
+"""Time of one FLIP label-optimization step divided by one plain training step, same model and batch, one run.
+
+A label step does an expert step (forward + backward on the poisoned batch), the student's step (forward +
+backward with soft labels) and the differentiation of the matching loss back to the labels. Printed ratios:
+- autograd:   the default route, torch.func.grad differentiated again by autograd (backward through backward);
+- linearized: one vector-Jacobian and one Jacobian-vector product (see attacks/flip.py);
+- disk:       the default route plus reloading the checkpoint from disk three times per batch, as the
+              authors' code does.
+
+    PYTHONPATH=src python benchmarks/flip_label_step.py [--model convnet] [--batch 128] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cleanbackdoor.attacks.flip import FunctionalSGD, matching_loss_and_label_grad
+from cleanbackdoor.models import build_model
+from cleanbackdoor.training import TrainConfig, resolve_device
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="convnet")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, (3, 32, 32), 10).to(dev)
+    recipe = TrainConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    x = torch.rand(args.batch, 3, 32, 32, device=dev)
+    x_trig = x.clone()
+    x_trig[: args.batch // 10] += 0.02 * torch.sin(torch.linspace(0, 50, 32, device=dev))
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    fs = FunctionalSGD(model, recipe)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    buf = torch.zeros_like(theta)
+    logits = (5 * F.one_hot(y, 10).float()).requires_grad_(True)
+    label_opt = torch.optim.SGD([logits], lr=150, momentum=0.5)
+    ckpt = Path(tempfile.mkdtemp()) / "ckpt.pt"
+    torch.save({"params": theta.cpu(), "momentum": buf.cpu()}, ckpt)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step():
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def label_step(method: str, reload: bool = False):
+        th, bf = theta, buf
+        if reload:
+            for _ in range(3):
+                state = torch.load(ckpt, map_location=dev, weights_only=True)
+            th, bf = state["params"], state["momentum"]
+        soft = F.softmax(logits, 1)
+        _, g = matching_loss_and_label_grad(fs, th, bf, torch.tensor(0.1, device=dev), x_trig, y, x,
+                                            soft.detach(), method)
+        label_opt.zero_grad(set_to_none=True)
+        (soft * g).sum().backward()
+        label_opt.step()
+
+    cases = {"train": train_step, "linearized": lambda: label_step("linearized"),
+             "autograd": lambda: label_step("autograd"), "disk": lambda: label_step("autograd", True)}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():  # warm-up
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in cases.items():  # interleaved, so drifting machine load hits every case alike
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model {args.model}, batch {args.batch}, device {dev}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"training step          : {1000 * med['train']:8.1f} ms")
+    for k in ("autograd", "linearized", "disk"):
+        print(f"label step ({k:10s}): {1000 * med[k]:8.1f} ms   ratio {med[k] / med['train']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+import numpy as np
+import pytest
+import torch
+
+from cleanbackdoor.attacks import AttackContext, build_attack
+from cleanbackdoor.attacks.flip import (FunctionalSGD, LabelData, combine_runs, distillation_labels, margin_scores,
+                                        matching_loss_and_label_grad, optimize_labels, poisoned_training_set,
+                                        select_flips, train_expert)
+from cleanbackdoor.config import ModelConfig
+from cleanbackdoor.data import ImageSet
+from cleanbackdoor.data.transforms import Augment
+from cleanbackdoor.errors import BudgetError, ConfigError
+from cleanbackdoor.models import build_model
+from cleanbackdoor.training import TrainConfig
+from cleanbackdoor.triggers import build_trigger
+
+
+def _model(name="convnet", seed=0, classes=3):
+    torch.manual_seed(seed)
+    opts = {"width": 8} if name == "convnet" else {}
+    return build_model(name, (1, 8, 8), classes, **opts)
+
+
+def _flat(m):
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+# -- hand-checked scoring ----------------------------------------------------------------------------------------
+def test_margin_scores_by_hand():
+    logits = np.array([[5.0, 1.0, 0.0],   # correct, margin 1 - 5 = -4
+                       [1.0, 3.0, 0.5],   # y=0, flipped to 1: 3 - 1 = 2
+                       [2.0, 2.5, 0.0]])  # y=2, flipped to 1: 2.5 - 0 = 2.5
+    labels = np.array([0, 0, 2])
+    assert margin_scores(logits, labels).tolist() == [-4.0, 2.0, 2.5]
+    new, mask = select_flips(margin_scores(logits, labels), logits, labels, 1)
+    assert mask.tolist() == [False, False, True] and new.tolist() == [0, 0, 1]
+    new, mask = select_flips(margin_scores(logits, labels), logits, labels, 2)
+    assert mask.tolist() == [False, True, True] and new.tolist() == [0, 1, 1]
+
+
+def test_flip_target_is_best_other_class_even_when_unflipped():
+    logits = np.array([[5.0, 1.0, 4.0]])
+    new, _ = select_flips(margin_scores(logits, np.array([0])), logits, np.array([0]), 1)
+    assert new.tolist() == [2]
+
+
+def test_combining_runs_takes_min_score_and_mean_logits():
+    labels = np.array([0, 1])
+    r1 = torch.tensor([[1.0, 3.0], [0.0, 5.0]])
+    r2 = torch.tensor([[2.0, 2.5], [0.0, 1.0]])
+    scores, mean = combine_runs([r1, r2], labels)
+    assert scores.tolist() == [0.5, -5.0]  # min(2, 0.5); min(-5, -1)
+    assert np.allclose(mean, [[1.5, 2.75], [0.0, 3.0]])
+
+
+def test_distillation_labels():
+    soft = distillation_labels(np.array([[0.0, 5.0]]), np.array([0]), alpha=1.0)
+    assert np.allclose(soft, [[np.e / (1 + np.e), 1 / (1 + np.e)]])
+    assert np.allclose(distillation_labels(np.random.randn(4, 3), np.array([0, 1, 2, 0]), 0.2).sum(1), 1)
+
+
+# -- the differentiable step -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("nesterov, wd", [(True, 5e-4), (False, 0.0)])
+@pytest.mark.parametrize("arch", ["convnet", "resnet20"])
+def test_functional_step_equals_a_real_optimizer_step(nesterov, wd, arch):
+    recipe = TrainConfig(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd)
+    model = _model(arch)
+    model.train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd)
+    # one step to fill the momentum buffers, then compare the second step
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    fs = FunctionalSGD(model, recipe)
+    theta = _flat(model)
+    buf = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    soft_one_hot = torch.nn.functional.one_hot(y, 3).float()
+    ours = fs.step(theta, fs.grad(theta, x, soft_one_hot), buf, torch.tensor(0.1))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.allclose(ours, _flat(model), atol=1e-6)
+
+
+def test_loss_is_zero_for_identical_data_and_labels():
+    fs = FunctionalSGD(_model(), TrainConfig(lr=0.1, momentum=0.9, nesterov=True))
+    theta = _flat(_model())
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    for method in ("linearized", "autograd"):
+        loss, g = matching_loss_and_label_grad(fs, theta, torch.zeros_like(theta), torch.tensor(0.1), x, y, x,
+                                               torch.nn.functional.one_hot(y, 3).float(), method)
+        assert float(loss) < 1e-10 and g.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet20"])
+def test_linearized_gradient_equals_autograd(arch):
+    fs = FunctionalSGD(_model(arch), TrainConfig(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    theta = _flat(_model(arch, seed=1))
+    buf = torch.randn_like(theta) * 0.01
+    xe, xs = torch.rand(12, 1, 8, 8), torch.rand(12, 1, 8, 8)
+    ye = torch.randint(0, 3, (12,))
+    soft = torch.softmax(torch.randn(12, 3), 1)
+    l1, g1 = matching_loss_and_label_grad(fs, theta, buf, torch.tensor(0.05), xe, ye, xs, soft, "linearized")
+    l2, g2 = matching_loss_and_label_grad(fs, theta, buf, torch.tensor(0.05), xe, ye, xs, soft, "autograd")
+    assert torch.allclose(l1, l2, rtol=1e-4)
+    # The routes may differ by a constant per row (the autograd loss also differentiates the sum of the targets,
+    # which is 1 on the simplex); softmax removes exactly that direction, so the gradients on L must agree.
+    def through_softmax(g):
+        return g - g.mean(1, keepdim=True)
+
+    assert torch.allclose(through_softmax(g1), through_softmax(g2), atol=1e-4 * float(g2.abs().max()))
+
+
+# -- stages on a tiny set --------------------------------------------------------------------------------------
+def _tiny(n=120, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.integers(0, 80, (n, 8, 8, 1))
+    for c in range(classes):
+        x[y == c, c * 2:c * 2 + 2] += 150
+    return ImageSet(x.astype(np.uint8), y, [str(c) for c in range(classes)], "tiny")
+
+
+def test_poisoned_training_set_appends_triggered_sources():
+    train = _tiny()
+    trig = build_trigger("patch", (1, 8, 8))
+    imgs, labels, origin = poisoned_training_set(train.images, train.labels, trig, (2,), 0)
+    src = np.flatnonzero(train.labels == 2)
+    assert len(imgs) == len(train) + len(src) and (labels[len(train):] == 0).all()
+    assert np.array_equal(origin[len(train):], src) and np.array_equal(imgs[len(train):], trig(train.images[src]))
+
+
+def test_label_optimization_resumes_to_the_same_logits(tmp_path):
+    train = _tiny()
+    recipe = TrainConfig(epochs=4, batch_size=32, lr=0.05, crop_padding=1)
+    trig = build_trigger("patch", (1, 8, 8))
+    imgs, labels, origin = poisoned_training_set(train.images, train.labels, trig, (2,), 0)
+    traj = train_expert(_model(), imgs, labels, recipe, expert_epochs=2, checkpoint_every=2, seed=0,
+                        device=torch.device("cpu"), progress=False)
+    assert len(traj) == 5  # steps 0, 2, 4, 6, 8 of 2 epochs x 5 steps
+    fs = FunctionalSGD(_model(), recipe)
+    data = LabelData.build(train.images, train.labels, imgs, labels, origin, torch.device("cpu"))
+    kw = dict(passes=3, batch_size=32, lr=150.0, momentum=0.5, init_scale=5.0, l1=0.0, seed=3, progress=False)
+    full, losses = optimize_labels(fs, [traj], data, 3, Augment(1, False), **kw)
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert not torch.equal(full, 5 * torch.nn.functional.one_hot(torch.as_tensor(train.labels), 3).float())
+    work = tmp_path / "w"
+    work.mkdir()
+    optimize_labels(fs, [traj], data, 3, Augment(1, False), **{**kw, "passes": 1}, work_dir=work)  # "killed"
+    resumed, losses2 = optimize_labels(fs, [traj], data, 3, Augment(1, False), **kw, work_dir=work)
+    assert torch.equal(full, resumed) and losses2 == losses
+
+
+# -- the attack's contract -------------------------------------------------------------------------------------
+FAST = dict(target=0, sources=[2], trigger={"name": "patch"}, expert_epochs=2, checkpoint_every=3,
+            label_passes=2, label_batch=32)
+
+
+def _ctx(tmp_path=None):
+    return AttackContext(cache_dir=tmp_path, progress=False, log=lambda m: None,
+                         model=ModelConfig(name="convnet", options={"width": 8}),
+                         train=TrainConfig(epochs=4, batch_size=32, lr=0.05))
+
+
+def test_flip_contract_budget_and_determinism(tmp_path):
+    train = _tiny()
+    p = build_attack("flip", {**FAST, "budget": 7}).poison(train, seed=0, context=_ctx(tmp_path))
+    assert p.labels.shape == (len(train),) and p.mask.sum() == 7 == p.budget
+    assert (p.labels[p.mask] != train.labels[p.mask]).all()
+    assert np.array_equal(p.labels[~p.mask], train.labels[~p.mask])
+    assert p.images is None  # label-only
+    q = build_attack("flip", {**FAST, "budget": 7}).poison(train, seed=0, context=_ctx())  # no cache
+    assert np.array_equal(p.labels, q.labels)
+    # a second budget reuses the cached experts and logits: same ranking, nested flips
+    r = build_attack("flip", {**FAST, "budget": 3}).poison(train, seed=0, context=_ctx(tmp_path))
+    assert set(np.flatnonzero(r.mask)) <= set(np.flatnonzero(p.mask))
+    soft = build_attack("flip", {**FAST, "mode": "soft"}).poison(train, seed=0, context=_ctx(tmp_path))
+    assert soft.labels.shape == (len(train), 3) and np.allclose(soft.labels.sum(1), 1)
+
+
+def test_flip_failures():
+    train = _tiny()
+    with pytest.raises(BudgetError):
+        build_attack("flip", {**FAST, "budget": 1000}).poison(train, context=_ctx())
+    with pytest.raises(ConfigError, match="label_lr"):
+        build_attack("flip", {"label_lr": -1})
+    with pytest.raises(ConfigError, match="SGD"):
+        build_attack("flip", {**FAST, "expert_train": {"optimizer": "adam", "momentum": 0.0}}).poison(
+            train, context=_ctx())
