@@ -55,7 +55,6 @@ class ExperimentConfig(BaseModel):
     attack: dict[str, Any] = Field(default_factory=lambda: {"name": "badnets"})
     model: ModelConfig | None = None
     train: TrainConfig | None = None
-    defenses: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("train", mode="before")
     @classmethod

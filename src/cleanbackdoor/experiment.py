@@ -1,4 +1,4 @@
-"""One experiment: data -> attack -> victim training -> evaluation (-> defenses) -> results.
+"""One experiment: data -> attack -> victim training -> evaluation -> results.
 
 The victim is trained and evaluated the same way for every attack, with the user's recipe; a clean model with the
 same recipe and seed is trained for comparison (and cached, so a budget sweep trains it once). An experiment
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, stable_key
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
+from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.models import build_model
 from cleanbackdoor.training import TrainConfig, predict, resolve_device, train
@@ -128,9 +130,27 @@ class ExperimentResult:
     splits: Splits
 
 
+def _work_dir(final: Path) -> Path:
+    """Where a run writes until it has finished: ``final`` is replaced only by a complete result, so a run that
+    fails (or is interrupted) leaves an earlier result intact. Rerunning resumes from the work folder."""
+    if final.exists() and any(final.iterdir()) and not (final / "config.toml").exists():
+        raise ConfigError(f"output folder {final} holds other files; choose an empty or new --out")
+    work = final.parent / f".{final.name}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _publish(work: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+
+
 def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult:
-    out = cfg.output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    # everything that can be checked without data is checked before anything is written
+    attack = build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
+    final = cfg.output_dir()
+    out = _work_dir(final)
     (out / "log.txt").write_text("")
     log = Logger(out / "log.txt", echo)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
@@ -143,7 +163,6 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
     train_set, test_set = splits.train, splits.test
     log(f"data: {len(train_set)} training and {len(test_set)} test images of shape {train_set.image_shape}")
 
-    attack = build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
     context = AttackContext(cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log,
                             model=cfg.model, train=cfg.train)
     with timer.stage("attack"):
@@ -187,12 +206,6 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
         "clean_model": clean_metrics,
     }
 
-    if cfg.defenses:
-        from cleanbackdoor.defenses import run_defenses  # noqa: PLC0415 - optional stage
-
-        with timer.stage("defenses"):
-            metrics["defenses"] = run_defenses(cfg, splits, attack, poisoning, model, log)
-
     if cfg.examples:
         from cleanbackdoor.report import plot_examples  # noqa: PLC0415 - matplotlib only when plotting
 
@@ -204,8 +217,9 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
     from cleanbackdoor.report import metrics_table  # noqa: PLC0415
 
     log(metrics_table(metrics))
-    log(f"results: {out}")
-    return ExperimentResult(metrics, out, poisoning, model, clean, splits)
+    log(f"results: {final}")
+    _publish(out, final)
+    return ExperimentResult(metrics, final, poisoning, model, clean, splits)
 
 
 def _jsonable(o: Any) -> Any:

@@ -236,7 +236,8 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         history = History(list(hist["epoch"]), list(hist["loss"]), list(hist["lr"]), list(hist["seconds"]))
     use_amp = cfg.amp and dev.type == "cuda"
     last_epoch = cfg.epochs if stop_epoch is None else min(cfg.epochs, stop_epoch)
-    bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=None if progress else True, leave=False,
+               dynamic_ncols=True)  # None: only on a terminal
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()

@@ -39,3 +39,17 @@ def test_default_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["clean_model"] == m["clean_model"]
     assert np.array_equal(Poisoning.load(out2).labels, p.labels)
+
+
+def test_a_failing_run_leaves_the_earlier_result_intact(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet", "--set", "train.epochs=1", "--set", "examples=0"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["run", "--out", str(out), "--quiet", "--set", "train.epochs=1", "--set", "attack.budget=5000"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    assert main(["run", "--out", str(other), "--quiet", "--set", "train.epochs=1"]) == 2
+    assert (other / "thesis.tex").exists()

@@ -302,7 +302,8 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
         perm = torch.randperm(entries, generator=gen, device=dev)
         choice = torch.randint(0, 2**31 - 1, (n_batches, 2), generator=gen, device=dev).cpu()
         total = 0.0
-        bar = tqdm(range(n_batches), desc=f"{desc} pass {p + 1}/{passes}", disable=not progress, leave=False)
+        bar = tqdm(range(n_batches), desc=f"{desc} pass {p + 1}/{passes}", leave=False,
+                   disable=None if progress else True)  # None: only on a terminal
         for b in bar:
             idx = perm[b * batch_size:(b + 1) * batch_size]
             traj = trajs[int(choice[b, 0]) % len(trajs)]
