@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from cleanbackdoor.attacks.badnets import BadNets
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, resolve_budget
+from cleanbackdoor.attacks.clean_image import CleanImage
 from cleanbackdoor.attacks.flip import Flip
 from cleanbackdoor.attacks.random_flip import RandomFlip
 from cleanbackdoor.errors import unknown_name
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Flip, RandomFlip)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, CleanImage, Flip, RandomFlip)}
 
 
 def build_attack(name: str, params: dict | None = None) -> Attack:
