@@ -42,15 +42,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[tuple[str, str]]) -> str:
-    """A fixed-width table of dict rows; ``keys`` are (key, title); floats in [0, 1] shown as percentages."""
-    widths = [max(len(t), 9) for _, t in keys]
+    """A fixed-width table of dict rows; ``keys`` are (key, title); floats shown as percentages."""
+    def cell(v: Any) -> str:
+        return _pct(v) if isinstance(v, float) else str(v)
+
+    widths = [max([len(t)] + [len(cell(r.get(k))) for r in rows]) for k, t in keys]
     out = ["  ".join(f"{t:>{w}}" for (_, t), w in zip(keys, widths))]
-    for r in rows:
-        cells = []
-        for (k, _), w in zip(keys, widths):
-            v = r.get(k)
-            cells.append(f"{_pct(v) if isinstance(v, float) else str(v):>{w}}")
-        out.append("  ".join(cells))
+    out += ["  ".join(f"{cell(r.get(k)):>{w}}" for (k, _), w in zip(keys, widths)) for r in rows]
     return "\n".join(out)
 
 

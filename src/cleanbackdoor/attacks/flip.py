@@ -281,7 +281,6 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
     """Learn the attacker's label logits (N, C) by one-step trajectory matching; returns them and the mean loss
     of each pass. With ``work_dir``, the state is saved after every pass and an interrupted run resumes."""
     dev = data.clean.device
-    n = data.labels.shape[0]
     logits = (init_scale * F.one_hot(data.labels, num_classes).float()).requires_grad_(True)
     opt = torch.optim.SGD([logits], lr=lr, momentum=momentum)
     gen = torch.Generator(device=dev).manual_seed(seed)
