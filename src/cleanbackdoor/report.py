@@ -110,6 +110,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, title: str, clean:
                    color="black", label="clean model", zorder=5)
     ax.set_xlabel("clean test accuracy (CTA, %)")
     ax.set_ylabel("attack success rate (ASR, %)")
+    ax.set_ylim(-3, 103)  # the full range, as in the FLIP paper: small ASR differences should look small
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -127,6 +128,7 @@ def plot_budget_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -
         axes[0].plot(b, [100 * r["attack_success_rate"] for r in pts], marker="o", label=m)
         axes[1].plot(b, [100 * r["clean_accuracy"] for r in pts], marker="o", label=m)
     axes[0].set_ylabel("ASR (%)")
+    axes[0].set_ylim(-3, 103)
     axes[1].set_ylabel("CTA (%)")
     for ax in axes:
         ax.set_xlabel("budget (training examples changed)")
