@@ -29,7 +29,7 @@ from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import TrainConfig, predict, resolve_device, train
+from cleanbackdoor.training import predict, resolve_device, save_atomic, train
 
 
 class Logger:
@@ -79,11 +79,9 @@ def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int, model_cfg: 
 
 
 def train_model(cfg: ExperimentConfig, train_set: ImageSet, images: np.ndarray, targets: np.ndarray, *,
-                desc: str, recipe: TrainConfig | None = None, checkpoint: Path | None = None,
-                checkpoint_key: str = "", seed: int | None = None) -> nn.Module:
-    seed = cfg.seed if seed is None else seed
-    model = new_model(cfg, train_set, seed)
-    train(model, images, targets, recipe or cfg.train, seed=seed, device=cfg.device, progress=cfg.progress,
+                desc: str, checkpoint: Path | None = None, checkpoint_key: str = "") -> nn.Module:
+    model = new_model(cfg, train_set, cfg.seed)
+    train(model, images, targets, cfg.train, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
           desc=desc, checkpoint=checkpoint, checkpoint_key=checkpoint_key)
     return model
 
@@ -102,8 +100,7 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
     train(model, train_set.images, train_set.labels, cfg.train, seed=cfg.seed, device=cfg.device,
           progress=cfg.progress, desc="clean model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, path)
     return model, False
 
 

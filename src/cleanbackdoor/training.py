@@ -173,6 +173,13 @@ def targets_tensor(targets: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written file at ``path``."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 # -- training loop -------------------------------------------------------------------------------------------
 @dataclass
 class History:
@@ -272,10 +279,8 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model, opt)
         if ckpt_path is not None:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                        "epoch": epoch + 1, "history": history.as_dict(), "key": key}, tmp)
-            tmp.replace(ckpt_path)
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "epoch": epoch + 1, "history": history.as_dict(), "key": key}, ckpt_path)
     model.eval()
     return history
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import BudgetError, ConfigError
 from cleanbackdoor.metrics import asr_eligible
-from cleanbackdoor.triggers import Trigger, build_trigger
+from cleanbackdoor.triggers import TRIGGERS, Trigger, build_trigger
 
 Activation = Callable[[np.ndarray], np.ndarray]
 
@@ -141,7 +141,7 @@ class Poisoning:
             arrays = {k: z[k] for k in z.files}
         activation = None
         spec = info.get("activation")
-        if spec and image_shape is not None and spec.get("name") in _trigger_names():
+        if spec and image_shape is not None and spec.get("name") in TRIGGERS:
             spec = dict(spec)
             name, seed = spec.pop("name"), spec.pop("seed", 0)
             spec.pop("image_shape", None)
@@ -149,11 +149,6 @@ class Poisoning:
         return cls(info["attack"], arrays["labels"], arrays["mask"], activation, info["target"],
                    tuple(info["sources"]) if info["sources"] else None, info["budget"], arrays["image_indices"],
                    arrays.get("images"), info.get("metadata", {}))
-
-
-def _trigger_names() -> set[str]:
-    from cleanbackdoor.triggers import TRIGGERS
-    return set(TRIGGERS)
 
 
 def _json_default(o: Any) -> Any:

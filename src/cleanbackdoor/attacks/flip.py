@@ -54,6 +54,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,7 +74,7 @@ from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import PRESETS, TrainConfig, resolve_device, train
+from cleanbackdoor.training import PRESETS, TrainConfig, resolve_device, save_atomic, train
 from cleanbackdoor.triggers import Trigger
 
 
@@ -169,8 +170,7 @@ def train_expert(model: nn.Module, images: np.ndarray, labels: np.ndarray, recip
 
     def on_epoch_end(epoch: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
         if partial is not None and snaps:
-            torch.save(_stack(snaps).state(), partial.with_suffix(".tmp"))
-            partial.with_suffix(".tmp").replace(partial)
+            save_atomic(_stack(snaps).state(), partial)
 
     train(model, images, labels, recipe, seed=seed, device=device, progress=progress, desc=desc, on_step=on_step,
           on_epoch_end=on_epoch_end, checkpoint=ckpt, stop_epoch=expert_epochs)
@@ -329,9 +329,8 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
         if log is not None:
             log(f"{desc}: pass {p + 1}/{passes}, mean matching loss {losses[-1]:.4f}")
         if ckpt is not None:
-            torch.save({"logits": logits.detach(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                        "pass": p + 1, "losses": losses}, ckpt.with_suffix(".tmp"))
-            ckpt.with_suffix(".tmp").replace(ckpt)
+            save_atomic({"logits": logits.detach(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                         "pass": p + 1, "losses": losses}, ckpt)
     return logits.detach().cpu(), losses
 
 
@@ -456,9 +455,8 @@ class Flip(Attack):
                                 seed=seed * 1000 + e, device=device, work_dir=work, progress=ctx.progress,
                                 desc=f"expert {e + 1}/{p.n_experts}")
             if path is not None:
-                torch.save(traj.state(), path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
-                _remove_tree(work)
+                save_atomic(traj.state(), path)
+                shutil.rmtree(work, ignore_errors=True)
             log(f"flip: expert {e + 1}/{p.n_experts} trained, {len(traj)} checkpoints")
             trajectories.append(traj)
 
@@ -486,9 +484,8 @@ class Flip(Attack):
                 seed=seed * 1000 + 500 + r, method=p.method, work_dir=work, progress=ctx.progress,
                 desc=f"label run {r + 1}/{p.label_runs}", log=log)
             if path is not None:
-                torch.save({"logits": logits, "losses": torch.tensor(run_losses)}, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
-                _remove_tree(work)
+                save_atomic({"logits": logits, "losses": torch.tensor(run_losses)}, path)
+                shutil.rmtree(work, ignore_errors=True)
             runs.append(logits)
             losses.append(run_losses)
 
@@ -508,11 +505,3 @@ class Flip(Attack):
                 "flipped_to": np.bincount(new_hard[mask], minlength=train.num_classes).tolist()}
         self.last_scores, self.last_logits = scores, mean_logits  # for inspection and plots
         return Poisoning(self.name, labels, mask, trigger, target, sources, budget, metadata=meta)
-
-
-def _remove_tree(path: Path | None) -> None:
-    if path is None or not path.exists():
-        return
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
