@@ -39,7 +39,8 @@ def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: bool
             result = run_experiment(point, echo=False)
             m = result.metrics
             rows.append({"method": method, "budget": m["budget"], "poisoned_examples": m["poisoned_examples"],
-                         "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"]})
+                         "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"],
+                         "poison_fit_rate": m.get("poison_fit_rate")})
             clean = m.get("clean_model") or clean
             print(f"{method} at budget {budget}: CTA {100 * m['clean_accuracy']:.1f}%, "
                   f"ASR {100 * m['attack_success_rate']:.1f}%", flush=True)
@@ -47,7 +48,7 @@ def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: bool
                "budget_unit": "training examples", "points": rows, "clean_model": clean}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     table = sweep_table(rows, [("method", "method"), ("budget", "budget"), ("clean_accuracy", "CTA"),
-                               ("attack_success_rate", "ASR")])
+                               ("attack_success_rate", "ASR"), ("poison_fit_rate", "poisons fit")])
     if clean:
         table += (f"\nclean model: CTA {100 * clean['clean_accuracy']:.1f}%, "
                   f"ASR {100 * clean['attack_success_rate']:.1f}%")

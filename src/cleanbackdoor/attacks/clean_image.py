@@ -90,7 +90,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -689,4 +689,11 @@ class CleanImage(Attack):
                 "lifted_to_expectation": float((new_scores >= act.expectation).mean()),
                 "lifted_to_threshold": float((new_scores >= act.threshold).mean()),
             })
+            # the same model under every step rule the feature supports: the activation is test-time only, so
+            # this separates what the labels planted from how hard the test input is pushed
+            by_step = {}
+            for step in getattr(act.feature, "steps", STEPS):
+                rule = replace(act, step=step)
+                by_step[step] = float((predict(model, rule(originals)) == target).mean())
+            out["attack_success_rate_by_step"] = by_step
         return out
