@@ -3,7 +3,9 @@
     cleanbackdoor run [CONFIG.toml] [--attack NAME] [--dataset NAME] [--root PATH] [--model NAME] [--out DIR]
                       [--seed N] [--device DEV] [--set key=value ...]
     cleanbackdoor sweep [CONFIG.toml] --budgets 150,300,500 [...]   budget sweep with baselines and plots
-    cleanbackdoor list {attacks,datasets,models,triggers,presets}
+    cleanbackdoor defense-table CONFIG... --out DIR [--root PATH] [--set key=value ...]   attacks x defenses
+    cleanbackdoor audit DATASET [--root PATH] [--labels FILE] [--out DIR]   scan received labels for poisoning
+    cleanbackdoor list {attacks,datasets,models,triggers,presets,defenses}
 
 A problem with the user's input exits with status 2 and one line that says what is wrong and what is allowed.
 """
@@ -73,9 +75,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     from cleanbackdoor.triggers import TRIGGERS
 
     registry = {"attacks": ATTACKS, "datasets": DATASETS, "models": MODELS, "triggers": TRIGGERS,
-                "presets": PRESETS}[args.what]
+                "presets": PRESETS}.get(args.what)
+    if registry is None:
+        from cleanbackdoor.defenses import DEFENSES as registry
     for name in sorted(registry):
         print(name)
+    return 0
+
+
+def cmd_defense_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cleanbackdoor.defenses.table import run_table
+
+    fields = {"data.root": args.root, "seed": args.seed, "device": args.device}
+    if args.quiet:
+        fields["progress"] = False
+    command = "cleanbackdoor " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["defense-table"] else None
+    run_table(args.configs, Path(args.out), overrides=args.overrides, fields=fields, command=command)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cleanbackdoor.audit import run_audit
+
+    run_audit(args.dataset, root=args.root, labels=args.labels, out=Path(args.out) if args.out else None,
+              model=args.model, overrides=args.overrides, defenses=args.defense or None, top=args.top,
+              seed=args.seed, device=args.device, progress=not args.quiet)
     return 0
 
 
@@ -90,8 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--budgets", required=True, help="comma-separated counts (or fractions) of training examples")
     sweep.add_argument("--no-baseline", action="store_true", help="skip the random baseline at each budget")
     sweep.set_defaults(func=cmd_sweep)
+    table = sub.add_parser("defense-table", help="attacks (rows) x defenses (columns): detection and after-defense "
+                           "figures, markdown + json")
+    table.add_argument("configs", nargs="+", help="experiment configs with a `defenses` key (or run folders)")
+    table.add_argument("--out", required=True, help="folder for table.md, table.json and the rows")
+    table.add_argument("--root", help="dataset location for every row")
+    table.add_argument("--seed", type=int)
+    table.add_argument("--device")
+    table.add_argument("--quiet", action="store_true")
+    table.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value in every row's config")
+    table.set_defaults(func=cmd_defense_table)
+    audit = sub.add_parser("audit", help="scan a labelled dataset for poisoned labels: report with thumbnails")
+    audit.add_argument("dataset", help="a catalog name (digits, mnist, cifar10 ...) or an image folder tree")
+    audit.add_argument("--root", help="where a catalog dataset lies (folder or archive)")
+    audit.add_argument("--labels", help="the labels received (CSV, JSON or .npy), replacing the dataset's own")
+    audit.add_argument("--out", help="report folder (default runs/audit-<dataset>)")
+    audit.add_argument("--model", help="architecture the detectors train (default: the dataset's)")
+    audit.add_argument("--defense", action="append", metavar="SPEC",
+                       help='a detector: a name or a TOML table, e.g. \'{name = "confident_learning", folds = 2}\' '
+                            "(repeat; default: spectral, activation_clustering, confident_learning)")
+    audit.add_argument("--top", type=int, default=32, help="how many of the most suspicious examples to show")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--device", default="auto")
+    audit.add_argument("--quiet", action="store_true")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the model or recipe, e.g. --set train.epochs=10")
+    audit.set_defaults(func=cmd_audit)
     lst = sub.add_parser("list", help="list the names the config accepts")
-    lst.add_argument("what", choices=["attacks", "datasets", "models", "triggers", "presets"])
+    lst.add_argument("what", choices=["attacks", "datasets", "models", "triggers", "presets", "defenses"])
     lst.set_defaults(func=cmd_list)
     return parser
 

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.training import PRESETS, TrainConfig, preset
@@ -33,12 +33,58 @@ class DataConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     train_per_class: int | None = Field(None, ge=1)  # a seeded class-balanced subset, for fast runs
     test_per_class: int | None = Field(None, ge=1)
+    # the task's classes, by name or index, relabelled 0..k-1 in this order (None: all classes of the dataset)
+    classes: list[int | str] | None = Field(None, min_length=2)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _without_defaults(self, handler(self), ("classes",))
+
+
+class PretrainConfig(BaseModel):
+    """A feature extractor the toolkit pretrains itself on a *source task* (see :mod:`cleanbackdoor.pretrain`):
+    the victim's architecture trained on ``classes`` of ``dataset`` with recipe ``train``, cached under a key of
+    exactly these inputs. The victim then starts from its weights with a fresh head (``train.finetune``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str | None = None  # None: the experiment's dataset (name, root and options)
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    classes: list[int | str] | None = Field(None, min_length=2)  # the source task (None: every class)
+    per_class: int | None = Field(None, ge=1)  # a seeded class-balanced subset of the source task
+    train: TrainConfig = Field(default_factory=lambda: preset("cifar-fast"))
+    seed: int = Field(0, ge=0)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _expand_preset(cls, value: Any) -> Any:
+        return ExperimentConfig._expand_preset(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.train.finetune != "all":
+            raise ValueError("the pretraining recipe trains the whole network (train.finetune = 'all')")
+        return self
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "convnet"
     options: dict[str, Any] = Field(default_factory=dict)
+    pretrained: PretrainConfig | None = None  # start from a feature extractor pretrained on a source task
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _without_defaults(self, handler(self), ("pretrained",))
+
+
+def _without_defaults(model: BaseModel, data: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """Leave optional fields added later out of dumps while they hold their default, so the cache keys of
+    configs that do not use them (clean models, FLIP experts) stay what they were."""
+    for name in fields:
+        if getattr(model, name) == type(model).model_fields[name].default:
+            data.pop(name, None)
+    return data
 
 
 class ExperimentConfig(BaseModel):
@@ -55,6 +101,24 @@ class ExperimentConfig(BaseModel):
     attack: dict[str, Any] = Field(default_factory=lambda: {"name": "badnets"})
     model: ModelConfig | None = None
     train: TrainConfig | None = None
+    # run after the victim is trained: specs like the attack's, a name plus options (see cleanbackdoor.defenses)
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _defenses_known(cls, value: Any) -> Any:
+        from cleanbackdoor.defenses import build_defenses, defense_spec  # noqa: PLC0415 - torch only when used
+
+        from pydantic_core import PydanticCustomError  # noqa: PLC0415
+
+        if not isinstance(value, list):
+            raise PydanticCustomError("defenses", 'a list of defenses, e.g. [{name = "spectral"}, "strip"]')
+        try:
+            specs = [defense_spec(v) for v in value]
+            build_defenses(specs)  # unknown names and options are errors before anything runs
+        except ConfigError as e:
+            raise PydanticCustomError("defenses", str(e)) from None
+        return specs
 
     @field_validator("train", mode="before")
     @classmethod
@@ -86,6 +150,10 @@ class ExperimentConfig(BaseModel):
             self.model = ModelConfig(**DEFAULT_MODEL.get(self.data.name, {}))
         if self.train is None:
             self.train = preset(DEFAULT_PRESET.get(self.data.name, "cifar-fast"))
+        pretrained = self.model.pretrained
+        if pretrained is not None and pretrained.dataset is None:  # the source task comes from the same files
+            pretrained.dataset, pretrained.root = self.data.name, self.data.root
+            pretrained.options = dict(self.data.options)
         return self
 
     @property

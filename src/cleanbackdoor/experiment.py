@@ -29,6 +29,9 @@ from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.models import build_model
+from cleanbackdoor.multilabel_metrics import compare_with_clean, multilabel_fit_rate
+from cleanbackdoor.data.subset import select_classes
+from cleanbackdoor.pretrain import pretrained_model, victim_from_pretrained
 from cleanbackdoor.training import predict, resolve_device, save_atomic, train
 
 
@@ -63,6 +66,8 @@ class Timer:
 def load_data(cfg: ExperimentConfig) -> Splits:
     splits = load_dataset(cfg.data.name, root=cfg.data.root, **cfg.data.options)
     train_set, test_set = splits.train, splits.test
+    if cfg.data.classes:  # the task is some classes of the dataset, relabelled 0..k-1
+        train_set, test_set = select_classes(train_set, cfg.data.classes), select_classes(test_set, cfg.data.classes)
     if cfg.data.train_per_class:
         train_set = stratified_subset(train_set, per_class=cfg.data.train_per_class, seed=cfg.seed)
     if cfg.data.test_per_class:
@@ -71,8 +76,13 @@ def load_data(cfg: ExperimentConfig) -> Splits:
 
 
 def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int, model_cfg: Any = None) -> nn.Module:
-    """A freshly initialized victim (seeded), normalizing with the clean training set's statistics."""
+    """A freshly initialized victim (seeded), normalizing with the clean training set's statistics; with
+    ``model.pretrained``, the pretrained extractor (its weights and normalization) and a fresh seeded head."""
     model_cfg = model_cfg or cfg.model
+    if model_cfg.pretrained is not None:
+        extractor = pretrained_model(model_cfg, cache_dir=cfg.cache_path(), device="cpu", progress=cfg.progress,
+                                     log=lambda _: None)
+        return victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, seed)
     mean, std = channel_stats(train_set.images)
     torch.manual_seed(seed)
     return build_model(model_cfg.name, train_set.image_shape, train_set.num_classes, mean, std, **model_cfg.options)
@@ -106,6 +116,8 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
 
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning) -> dict[str, Any]:
     """CTA, ASR and the attack's own figures for one model, measured identically for every attack."""
+    if test.multilabel:  # mAP and the goal's ASR on label sets: cleanbackdoor.multilabel_metrics, via the attack
+        return attack.extra_metrics(model, test, poisoning)
     out: dict[str, Any] = {"clean_accuracy": accuracy(predict(model, test.images), test.labels)}
     if poisoning.activation is not None and poisoning.target is not None:
         eligible = attack.asr_mask(test, poisoning)
@@ -159,6 +171,14 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
         splits = load_data(cfg)
     train_set, test_set = splits.train, splits.test
     log(f"data: {len(train_set)} training and {len(test_set)} test images of shape {train_set.image_shape}")
+    if train_set.multilabel != attack.multilabel:
+        kinds = ("single-label", "multi-label")
+        raise ConfigError(f"attack {cfg.attack_name!r} is for {kinds[attack.multilabel]} data but dataset "
+                          f"{cfg.data.name!r} is {kinds[train_set.multilabel]}")
+
+    if cfg.model.pretrained is not None:  # transfer learning: the source-task extractor, trained once and cached
+        with timer.stage("pretrain"):
+            pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log)
 
     context = AttackContext(cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log,
                             model=cfg.model, train=cfg.train)
@@ -178,6 +198,12 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
 
     with timer.stage("evaluation"):
         poisoned_metrics = evaluate(model, test_set, attack, poisoning)
+        if poisoning.mask.any() and targets.ndim == 1:
+            # did the victim fit the poisoned labels? (a label-only backdoor needs them memorized)
+            changed = np.flatnonzero(poisoning.mask)
+            poisoned_metrics["poison_fit_rate"] = accuracy(predict(model, images[changed]), targets[changed])
+        elif poisoning.mask.any() and attack.multilabel:
+            poisoned_metrics["poison_fit_rate"] = multilabel_fit_rate(model, images[poisoning.mask], poisoning)
 
     clean = None
     clean_metrics: dict[str, Any] | None = None
@@ -185,6 +211,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
         with timer.stage("clean_model"):
             clean, _ = clean_model(cfg, train_set, log)
             clean_metrics = evaluate(clean, test_set, attack, poisoning)
+            if attack.multilabel:  # the side effect: non-target predictions of the two models compared
+                poisoned_metrics.update(compare_with_clean(clean, model, test_set, poisoning))
 
     metrics: dict[str, Any] = {
         "attack": cfg.attack_name,
@@ -203,13 +231,19 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
         "clean_model": clean_metrics,
     }
 
+    if cfg.defenses:  # detection against the true mask, removal + retraining: cleanbackdoor.defenses.stage
+        from cleanbackdoor.defenses.stage import run_defenses  # noqa: PLC0415
+
+        with timer.stage("defenses"):
+            metrics["defenses"] = run_defenses(cfg, splits, attack, poisoning, model, log=log, work_dir=out)
+
     if cfg.examples:
         from cleanbackdoor.report import plot_examples  # noqa: PLC0415 - matplotlib only when plotting
 
         with timer.stage("plots"):
             plot_examples(model, test_set, attack, poisoning, out / "examples.png", cfg.examples, seed=cfg.seed)
     metrics["seconds"] = timer.seconds
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=to_json_value))
 
     from cleanbackdoor.report import metrics_table  # noqa: PLC0415
 
@@ -219,7 +253,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
     return ExperimentResult(metrics, final, poisoning, model, clean, splits)
 
 
-def _jsonable(o: Any) -> Any:
+def to_json_value(o: Any) -> Any:
+    """``json.dumps`` default for numpy scalars and arrays, tuples and paths."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, (np.ndarray, tuple)):

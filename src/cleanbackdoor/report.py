@@ -24,7 +24,8 @@ def _pct(v: Any) -> str:
 
 # figures shown in the run table, in order, with their column titles
 TABLE_COLUMNS = [("clean_accuracy", "CTA"), ("attack_success_rate", "ASR"),
-                 ("natural_attack_success_rate", "NASR"), ("mean_average_precision", "mAP")]
+                 ("natural_attack_success_rate", "NASR"), ("mean_average_precision", "mAP"),
+                 ("mean_average_precision_no_trigger", "mAP-noT"), ("side_effect_rate", "SideEff")]
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
@@ -38,6 +39,34 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         lines.append(f"{name:16}" + "".join(f"{_pct(r.get(k)):>9}" for k, _ in cols))
     lines.append(f"{metrics['attack']} on {metrics['dataset']}: {metrics['poisoned_examples']} of "
                  f"{metrics['train_size']} training examples changed ({_pct(metrics['poisoned_fraction'])})")
+    if metrics.get("backdoor"):  # multi-label: the trigger combination and the goal
+        b = metrics["backdoor"]
+        goal = (f", remove {b['remove']}" if b.get("remove") else "") + (f", add {b['add']}" if b.get("add") else "")
+        lines.append(f"trigger {{{', '.join(b['trigger'])}}} ({_pct(b['support'])} of training images), "
+                     f"goal {b['goal']}{goal}")
+    if metrics.get("defenses"):
+        lines.append(defenses_table(metrics["defenses"]))
+    return "\n".join(lines)
+
+
+def defenses_table(defenses: dict[str, Any]) -> str:
+    """One line per defense: what it flagged, precision / recall / ROC AUC against the attack's true mask, and
+    CTA (mAP for label sets) / ASR after it (retrained without the flagged examples, or, for STRIP, with rejected
+    inputs counted)."""
+    lines = [f"{'defense':24}{'flagged':>9}{'prec.':>8}{'recall':>8}{'AUC':>7}{'CTA after':>11}{'ASR after':>11}"]
+    for key, d in defenses.items():
+        if d.get("skipped"):
+            lines.append(f"{key:24}  skipped: {d['skipped']}")
+            continue
+        m = d["detection"]
+        after = d.get("after_removal") or d.get("after_rejection") or {}
+        auc = "-" if m["roc_auc"] != m["roc_auc"] else f"{m['roc_auc']:.3f}"
+        quality = after.get("clean_accuracy", after.get("mean_average_precision"))  # mAP for label sets
+        line = (f"{key:24}{m['flagged']:>9}{_pct(m['precision']):>8}{_pct(m['recall']):>8}{auc:>7}"
+                f"{_pct(quality):>11}{_pct(after.get('attack_success_rate')):>11}")
+        if d.get("kind") == "inference":
+            line += f"  (test inputs; FRR {_pct(d.get('false_rejection_rate'))})"
+        lines.append(line)
     return "\n".join(lines)
 
 

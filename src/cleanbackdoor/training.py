@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,6 +52,16 @@ class TrainConfig(BaseModel):
     asl_gamma_pos: float = Field(0.0, ge=0)
     asl_clip: float = Field(0.05, ge=0, lt=1)
     amp: bool = False  # bf16 autocast on CUDA; ignored on CPU
+    # which weights are trained: "all", or "last": only the final linear layer (``model.head``), the rest frozen
+    # in eval mode (a victim that fine-tunes the last layer of a pretrained feature extractor)
+    finetune: Literal["all", "last"] = "all"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.finetune == "all":  # left out at its default, so existing cache keys stay valid
+            data.pop("finetune", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -77,8 +87,11 @@ PRESETS: dict[str, dict] = {
     # Clean-image backdoor (Rong et al.): the authors' code.
     "clean-image": dict(epochs=100, batch_size=128, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4,
                         schedule="multistep", milestones=[80], gamma=0.1),
-    # Multi-label clean-image backdoor (Chen et al.): ASL, Adam, one-cycle.
-    "multilabel-asl": dict(epochs=20, batch_size=128, optimizer="adam", lr=1e-4, weight_decay=1e-4,
+    # Multi-label clean-image backdoor (Chen et al.; authors' coco_train_backdoored_model.py): ASL (gamma- = 4,
+    # gamma+ = 0, clip 0.05, focusing weights detached), Adam lr 1e-4, weight decay 1e-4, one-cycle, 20 epochs,
+    # batch 64. Not reproduced: their EMA of the weights (decay 0.9997), one-cycle warm-up 20% (25% here), no weight
+    # decay on biases and norm parameters, and the pretrained TResNet/ML-Decoder this lr is meant for.
+    "multilabel-asl": dict(epochs=20, batch_size=64, optimizer="adam", lr=1e-4, weight_decay=1e-4,
                            momentum=0.0, schedule="onecycle", loss="asl"),
     # Fast recipes for this toolkit's small-scale runs.
     "digits": dict(epochs=30, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
@@ -134,17 +147,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 # -- losses --------------------------------------------------------------------------------------------------
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
-                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+                    clip: float = 0.05, eps: float = 1e-8, detach_focal: bool = True) -> torch.Tensor:
     """ASL (Ridnik et al., ICCV 2021): focusing on positives/negatives and probability shifting of negatives.
-    Returns the sum over labels averaged over the batch."""
+
+    With p = sigmoid(z) and p_m = max(p - clip, 0): -[y (1 - p)^gamma_pos log p + (1 - y) p_m^gamma_neg log(1 - p_m)].
+    ``detach_focal``: the focusing weights (1 - p)^gamma_pos and p_m^gamma_neg carry no gradient, as in the
+    multi-label backdoor authors' recipe (``AsymmetricLoss(gamma_neg=4, gamma_pos=0, clip=0.05,
+    disable_torch_grad_focal_loss=True)``). Returns the sum over labels averaged over the batch (the authors sum
+    over the batch too: a constant factor, which Adam does not see)."""
     p = torch.sigmoid(logits)
     p_neg = (p - clip).clamp(min=0) if clip > 0 else p
     loss_pos = targets * torch.log(p.clamp(min=eps))
     loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=eps))
     if gamma_pos > 0:
-        loss_pos = loss_pos * (1 - p).pow(gamma_pos)
+        w_pos = (1 - p).pow(gamma_pos)
+        loss_pos = loss_pos * (w_pos.detach() if detach_focal else w_pos)
     if gamma_neg > 0:
-        loss_neg = loss_neg * p_neg.pow(gamma_neg)
+        w_neg = p_neg.pow(gamma_neg)
+        loss_neg = loss_neg * (w_neg.detach() if detach_focal else w_neg)
     return -(loss_pos + loss_neg).sum(dim=1).mean()
 
 
@@ -181,6 +201,18 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 # -- training loop -------------------------------------------------------------------------------------------
+def freeze_all_but_head(model: nn.Module) -> None:
+    """Fine-tuning of the last layer: every parameter but those of ``model.head`` stops requiring gradients."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise ConfigError(f"train.finetune = 'last' needs a model with a final layer `head`; "
+                          f"{type(model).__name__} has none")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+
+
 @dataclass
 class History:
     epoch: list[int] = field(default_factory=list)
@@ -214,7 +246,12 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         raise ConfigError("cannot train on an empty training set")
     if len(targets) != n:
         raise ConfigError(f"{n} images but {len(targets)} targets")
+    if cfg.loss == "ce" and np.ndim(targets) == 2 and not torch.is_floating_point(torch.as_tensor(targets[:1])):
+        raise ConfigError("0/1 label sets (multi-label targets) need train.loss = 'bce' or 'asl' (e.g. preset "
+                          "'multilabel-asl'), not 'ce'")
     model.to(dev)
+    if cfg.finetune == "last":
+        freeze_all_but_head(model)
     data = to_nchw(images, dev)  # the whole set on the device, as uint8
     y = targets_tensor(targets).to(dev)
     loss_fn = make_loss(cfg, y)
@@ -248,6 +285,9 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
+        if cfg.finetune == "last":  # the frozen layers keep their eval behaviour (batch-norm statistics)
+            model.eval()
+            model.head.train()
         perm = torch.randperm(n, generator=gen, device=dev)
         total = torch.zeros((), device=dev)
         for b in range(steps_per_epoch):

@@ -174,7 +174,31 @@ class AttackContext:
     train: Any = None  # TrainConfig of the victim
 
 
-class Attack(ABC):
+class Configured:
+    """A named component whose ``Params`` (a pydantic model) are validated when it is built: unknown keys and
+    out-of-range values become one ConfigError naming the component (``{role} {name!r}: ...``), then
+    :meth:`_check_params` checks what field constraints cannot. Attacks and defenses share it."""
+
+    role: ClassVar[str] = "component"
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+
+    def __init__(self, params: BaseModel | dict | None = None, **kwargs: Any) -> None:
+        if isinstance(params, BaseModel):
+            params = params.model_dump()
+        merged = {**(params or {}), **kwargs}
+        merged.pop("name", None)
+        try:
+            self.params = self.Params(**merged)
+        except ValidationError as e:
+            raise ConfigError(f"{self.role} {self.name!r}: {format_validation_error(e)}") from None
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Checks across parameters that pydantic's field constraints cannot express."""
+
+
+class Attack(Configured, ABC):
     """Base class of all attacks.
 
     Subclasses set ``name``, ``Params`` (a pydantic model, validated up front: unknown keys and out-of-range values
@@ -182,23 +206,10 @@ class Attack(ABC):
     override :meth:`asr_mask` and :meth:`extra_metrics`.
     """
 
+    role: ClassVar[str] = "attack"
     name: ClassVar[str]
     Params: ClassVar[type[AttackParams]] = AttackParams
     multilabel: ClassVar[bool] = False
-
-    def __init__(self, params: AttackParams | dict | None = None, **kwargs: Any) -> None:
-        if isinstance(params, AttackParams):
-            params = params.model_dump()
-        merged = {**(params or {}), **kwargs}
-        merged.pop("name", None)
-        try:
-            self.params = self.Params(**merged)
-        except ValidationError as e:
-            raise ConfigError(f"attack {self.name!r}: {format_validation_error(e)}") from None
-        self._check_params()
-
-    def _check_params(self) -> None:
-        """Checks across parameters that pydantic's field constraints cannot express."""
 
     # -- helpers for subclasses -----------------------------------------------------------------------------
     def resolve_classes(self, train: ImageSet) -> tuple[int, tuple[int, ...] | None]:

@@ -13,10 +13,14 @@ from pathlib import Path, PurePosixPath
 
 from cleanbackdoor.data.archive import extract_archive, is_archive, peek_archive
 from cleanbackdoor.data.cifar import CIFAR10_DIR, CIFAR100_DIR, load_cifar10, load_cifar100
+from cleanbackdoor.data.coco import load_coco_splits
 from cleanbackdoor.data.digits import load_digits
 from cleanbackdoor.data.folder import IMAGE_SUFFIXES, SPLITS, find_split_root, load_folder_splits
 from cleanbackdoor.data.idx import find_idx_files, load_mnist_idx
 from cleanbackdoor.data.imageset import Splits
+from cleanbackdoor.data.mosaic import mosaic_options, mosaic_splits
+from cleanbackdoor.data.voc import load_voc_splits
+from cleanbackdoor.data.yolo import load_yolo_splits
 from cleanbackdoor.errors import ConfigError, DataError, unknown_name
 
 DATA_ENV = "CLEANBACKDOOR_DATA"
@@ -130,12 +134,44 @@ def _folder(root: str | Path | None = None, **options) -> Splits:
     return load_folder_splits(path, name="folder", **options)
 
 
+def _voc(root: str | Path | None = None, **options) -> Splits:
+    _check_options("voc", options, ("train", "test", "size", "keep_difficult"))
+    return load_voc_splits(_resolve_root("voc", root), **options)
+
+
+def _coco(root: str | Path | None = None, **options) -> Splits:
+    _check_options("coco", options, ("train", "test", "size", "keep_empty"))
+    return load_coco_splits(_resolve_root("coco", root), **options)
+
+
+def _yolo(root: str | Path | None = None, **options) -> Splits:
+    _check_options("yolo", options, ("train", "test", "test_fraction", "seed", "classes", "num_classes", "size",
+                                     "keep_empty"))
+    return load_yolo_splits(_resolve_root("yolo", root), **options)
+
+
+def _mosaic(source: str) -> Callable[..., Splits]:
+    """A composed multi-label set: mosaics of ``source``'s images (options: :class:`.mosaic.MosaicOptions`)."""
+
+    def load(root: str | Path | None = None, **options) -> Splits:
+        opts = mosaic_options(**options)  # checked before the (slow) source is loaded
+        return mosaic_splits(DATASETS[source](root), opts, name=f"{source}-mosaic")
+
+    return load
+
+
 DATASETS: dict[str, Callable[..., Splits]] = {
     "digits": _digits,
     "mnist": _mnist,
     "cifar10": _cifar10,
     "cifar100": _cifar100,
     "folder": _folder,
+    "voc": _voc,
+    "coco": _coco,
+    "yolo": _yolo,
+    "digits-mosaic": _mosaic("digits"),
+    "mnist-mosaic": _mosaic("mnist"),
+    "cifar10-mosaic": _mosaic("cifar10"),
 }
 
 
@@ -143,12 +179,17 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits
     """The train and test sets of a catalog dataset.
 
     Args:
-        name: one of :data:`DATASETS`: ``digits`` (no root), ``mnist``, ``cifar10``, ``cifar100``, ``folder``.
+        name: one of :data:`DATASETS`: ``digits`` (no root), ``mnist``, ``cifar10``, ``cifar100``, ``folder``;
+            multi-label: ``voc``, ``coco``, ``yolo`` (real formats) and ``digits-mosaic``, ``mnist-mosaic``,
+            ``cifar10-mosaic`` (composed, see :mod:`.mosaic`; the root is the source dataset's).
         root: a folder or a ``.tar.gz``/``.tgz``/``.tar`` archive; its format is recognized. None looks for the
             usual names (``cifar-10-batches-py``, ``cifar-10-python.tar.gz``, ``cifar10-jpg.tar.gz``,
             ``mnist-png.tar.gz`` ...) in ``$CLEANBACKDOOR_DATA``.
         options: per dataset: ``digits``: test_fraction, seed; ``cifar100``: label_mode ("fine" or "coarse");
-            ``folder``: channels (1, 3 or None), size ((H, W) to resize to).
+            ``folder``: channels (1, 3 or None), size ((H, W) to resize to); ``voc``: train, test (image set
+            names), size, keep_difficult; ``coco``: train, test (split names), size, keep_empty; ``yolo``: train,
+            test, test_fraction, seed, classes (names or "coco"), num_classes, size, keep_empty; ``*-mosaic``:
+            grid, tile, train_size, test_size, objects, skew, themes, theme_rates, seed.
 
     Raises:
         ConfigError: an unknown name or option, or no root and nothing found.

@@ -1,6 +1,8 @@
-"""Seeded, class-balanced subsets of an image set, for fast runs on part of the data."""
+"""Subsets of an image set: seeded class-balanced subsets for fast runs, and the task made of some classes."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,3 +40,19 @@ def stratified_subset(imageset: ImageSet, per_class: int | None = None, fraction
               for k, n in enumerate(take) if n > 0]
     index = np.sort(np.concatenate(chosen))
     return imageset.subset(index)
+
+
+def select_classes(images: ImageSet, classes: Sequence[int | str]) -> ImageSet:
+    """``images`` restricted to ``classes`` (names or indices), relabelled 0..k-1 in the order given."""
+    if images.multilabel:
+        raise ConfigError(f"{images.name or 'image set'}: class selection works on single-label sets only")
+    index = [images.class_index(c) for c in classes]
+    if len(set(index)) != len(index):
+        raise ConfigError(f"classes {list(classes)} name the same class twice")
+    if len(index) < 2:
+        raise ConfigError(f"a task needs at least 2 classes, got {list(classes)}")
+    keep = np.isin(images.labels, index)
+    relabel = np.full(images.num_classes, -1, dtype=np.int64)
+    relabel[index] = np.arange(len(index))
+    return ImageSet(images.images[keep], relabel[images.labels[keep]],
+                    tuple(images.class_names[i] for i in index), images.name, dict(images.meta))

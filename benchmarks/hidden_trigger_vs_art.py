@@ -1,0 +1,213 @@
+"""This toolkit's hidden-trigger attack against ART's ``HiddenTriggerBackdoor``, one run, same inputs.
+
+Both get the same pretrained feature extractor (the one of ``--config``, from the toolkit's cache: its
+``backbone`` output is the feature layer for both), the same K target images, the same source-class images, eps,
+iterations, learning rate and decay, and the same secret trigger (pasted at random positions); early stopping is
+off for both, so both run exactly ``--iterations`` steps per poison. Printed, for each:
+
+- poison-generation time (wall clock, same process, same thread count) and the ratio ART / ours, at the same
+  number of iterations, and the time ours needs to reach ART's final feature loss (checked every
+  ``--eval-every`` iterations, the clock paused while checking);
+- the final feature loss, measured identically for both on held-out data: the mean over poisons of
+  ||f(z_k) - f(s~_a(k))||^2 against the source-class *test* images patched at fixed random positions, a(k) the
+  optimal one-to-one assignment (and the same figure for the unperturbed targets, for scale);
+- the resulting attack: the victim of ``--config`` (last layer fine-tuned on the frozen extractor) trained on
+  the clean task with the K target images replaced by each method's poisons (quantized to uint8 within eps):
+  CTA and ASR (patched source test images predicted as the target), next to the clean victim.
+
+What differs is only the implementation: ART optimizes batches of ``--art-batch`` poisons one after the other
+against sources drawn once per batch, matches greedily in a Python loop, and back-propagates into the model's
+weights as well; ours optimizes all K poisons together, draws fresh patched sources every iteration (the paper's
+algorithm, so ours does a source forward pass per iteration that ART does not), matches with the Hungarian
+algorithm, and differentiates with respect to the images only.
+
+    PYTHONPATH=src python benchmarks/hidden_trigger_vs_art.py --root ../shared/data/cifar10-jpg.tar.gz \\
+        [--config configs/hidden-trigger-cifar10.toml] [--poisons 800] [--iterations 100] [--threads 2]
+
+Needs the benchmark extra: ``pip install -e .[bench]`` (adversarial-robustness-toolbox).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger, feature_fn, paste_patch, patch_pixels, quantize
+from cleanbackdoor.config import load_config
+from cleanbackdoor.experiment import load_data
+from cleanbackdoor.metrics import accuracy, attack_success_rate
+from cleanbackdoor.pretrain import pretrained_model, victim_from_pretrained
+from cleanbackdoor.training import predict, resolve_device, train
+
+
+def heldout_loss(features, poisons: torch.Tensor, patched: torch.Tensor) -> float:
+    """Mean over poisons of the squared feature distance to their optimally assigned (distinct) patched sources."""
+    with torch.no_grad():
+        fz, fs = features(poisons), features(patched)
+        cost = torch.cdist(fz, fs).square().cpu().numpy().astype(np.float64)
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/hidden-trigger-cifar10.toml")
+    ap.add_argument("--root", default=None, help="dataset location (overrides the config's data.root)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--poisons", type=int, default=800)
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--eps", type=float, default=16 / 255)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--decay", type=float, default=0.5)
+    ap.add_argument("--decay-every", type=int, default=1000)
+    ap.add_argument("--art-batch", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=5, help="iterations between held-out checks of ours")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+
+    from art.attacks.poisoning import HiddenTriggerBackdoor, PoisoningAttackBackdoor
+    from art.estimators.classification import PyTorchClassifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {"data.root": args.root} if args.root else {}
+    cfg = load_config(args.config, args.overrides, **fields)
+    dev = resolve_device(args.device)
+    splits = load_data(cfg)
+    train_set, test_set = splits.train, splits.test
+    spec = HiddenTrigger(cfg.attack if cfg.attack_name == "hidden_trigger" else {}, budget=args.poisons,
+                         eps=args.eps)
+    target, sources = spec.resolve_classes(train_set)
+    source = sources[0] if sources else 1 - target
+    extractor = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device=dev, progress=False)
+    features = feature_fn(extractor)
+    trigger = spec.params.trigger.build(train_set.image_shape, args.seed)
+    patch = torch.from_numpy(patch_pixels(trigger)).permute(2, 0, 1).float().div(255).to(dev)
+    rng = np.random.default_rng(args.seed)
+    target_idx = np.sort(rng.choice(np.flatnonzero(train_set.labels == target), args.poisons, replace=False))
+    source_idx = np.flatnonzero(train_set.labels == source)
+
+    def to01(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255)
+
+    targets = to01(train_set.images[target_idx])
+    h, w, s = targets.shape[2], targets.shape[3], patch.shape[-1]
+
+    def random_paste(x: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+        pos = torch.from_numpy(np.stack([generator.integers(0, h - s + 1, len(x)),
+                                         generator.integers(0, w - s + 1, len(x))], 1))
+        return paste_patch(x, patch.to(x.device), pos)
+
+    test_sources = to01(test_set.images[test_set.labels == source]).to(dev)
+    heldout = random_paste(test_sources, np.random.default_rng(10_000 + args.seed))
+    print(f"{cfg.data.classes or cfg.data.name}: {args.poisons} poisons of class {train_set.class_names[target]!r}, "
+          f"sources {train_set.class_names[source]!r} ({len(source_idx)} images), {args.iterations} iterations, "
+          f"eps {args.eps:.4f}, lr {args.lr}, device {dev}, {torch.get_num_threads()} threads")
+
+    # -- this toolkit ------------------------------------------------------------------------------------------
+    from cleanbackdoor.attacks.hidden_trigger import optimize_poisons
+
+    extractor.requires_grad_(False)  # ours differentiates with respect to the images only
+    trace: list[tuple[int, float, float]] = []  # (iterations, optimization seconds, held-out loss)
+    paused = [0.0]
+
+    def checkpoint(done: int, poisons: torch.Tensor) -> None:  # the clock stops while we measure
+        start = time.perf_counter()
+        images = quantize(poisons, train_set.images[target_idx], args.eps)
+        trace.append((done, start - t0 - paused[0], heldout_loss(features, to01(images).to(dev), heldout)))
+        paused[0] += time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    ours = optimize_poisons(
+        features, targets.to(dev),
+        torch.from_numpy(train_set.images[source_idx]).permute(0, 3, 1, 2).contiguous().to(dev), patch,
+        eps=args.eps, iterations=args.iterations, lr=args.lr, lr_decay=args.decay, decay_every=args.decay_every,
+        stop_loss=None, seed=args.seed, log_every=args.eval_every, callback=checkpoint)
+    t_ours = time.perf_counter() - t0 - paused[0]
+    extractor.requires_grad_(True)  # hand ART the model as a user would: a trained network, weights trainable
+
+    # -- ART -------------------------------------------------------------------------------------------------
+    classifier = PyTorchClassifier(model=extractor, loss=torch.nn.CrossEntropyLoss(),
+                                   input_shape=train_set.image_shape, nb_classes=train_set.num_classes,
+                                   clip_values=(0.0, 1.0), device_type="gpu" if dev.type == "cuda" else "cpu")
+    art_rng = np.random.default_rng(args.seed)
+    backdoor = PoisoningAttackBackdoor(lambda x: random_paste(torch.from_numpy(x), art_rng).numpy())
+    onehot = np.eye(train_set.num_classes, dtype=np.float32)
+    attack = HiddenTriggerBackdoor(classifier, target=onehot[target], source=onehot[source], feature_layer="backbone",
+                                   backdoor=backdoor, eps=args.eps, learning_rate=args.lr, decay_coeff=args.decay,
+                                   decay_iter=args.decay_every, stopping_threshold=0.0, max_iter=args.iterations,
+                                   batch_size=args.art_batch, poison_percent=1.0, verbose=False,
+                                   print_iter=10 ** 9)
+    x = np.concatenate([train_set.images[target_idx], train_set.images[source_idx]])
+    y = np.concatenate([np.full(len(target_idx), target), np.full(len(source_idx), source)])
+    x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    np.random.seed(args.seed)  # ART draws its source images with numpy's global generator
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        art_poisons, art_index = attack.poison(x, onehot[y])
+    t_art = time.perf_counter() - t0
+    order = np.argsort(art_index)  # ART returns poisons in its own random order of the K targets
+    art_poisons = torch.from_numpy(np.asarray(art_poisons)[order]).float()
+    assert np.array_equal(np.sort(art_index), np.arange(args.poisons)), "ART poisoned other images than the targets"
+
+    # -- the same figures for both ---------------------------------------------------------------------------
+    extractor.requires_grad_(False)
+    rows = {}
+    base_images = train_set.images
+    clean_victim = victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, cfg.seed)
+    train(clean_victim, base_images, train_set.labels, cfg.train, seed=cfg.seed, device=dev, progress=False)
+    eligible = test_set.labels == source
+    triggered = trigger(test_set.images[eligible])
+    rows["clean victim"] = {"cta": accuracy(predict(clean_victim, test_set.images), test_set.labels),
+                            "asr": attack_success_rate(predict(clean_victim, triggered), target)}
+    rows["targets (no attack)"] = {"feature_loss": heldout_loss(features, targets.to(dev), heldout)}
+    for name, poisons, seconds in (("cleanbackdoor", ours.poisons, t_ours), ("ART", art_poisons, t_art)):
+        images = quantize(poisons, train_set.images[target_idx], args.eps)
+        assert np.abs(images.astype(int) - train_set.images[target_idx].astype(int)).max() <= round(args.eps * 255)
+        poisoned = base_images.copy()
+        poisoned[target_idx] = images
+        victim = victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, cfg.seed)
+        train(victim, poisoned, train_set.labels, cfg.train, seed=cfg.seed, device=dev, progress=False)
+        rows[name] = {"seconds": round(seconds, 2),
+                      "feature_loss": heldout_loss(features, to01(images).to(dev), heldout),
+                      "cta": accuracy(predict(victim, test_set.images), test_set.labels),
+                      "asr": attack_success_rate(predict(victim, triggered), target)}
+    ratio = t_art / t_ours
+    print(f"{'':22s} {'seconds':>8s} {'feature loss':>13s} {'CTA':>7s} {'ASR':>7s}")
+    for name, r in rows.items():
+        cells = [f"{r['seconds']:8.1f}" if "seconds" in r else " " * 8,
+                 f"{r['feature_loss']:13.3f}" if "feature_loss" in r else " " * 13,
+                 f"{100 * r['cta']:6.1f}%" if "cta" in r else " " * 7,
+                 f"{100 * r['asr']:6.1f}%" if "asr" in r else " " * 7]
+        print(f"{name:22s} " + " ".join(cells))
+    print(f"same iterations: time ratio ART / cleanbackdoor {ratio:.2f}x; feature loss ours "
+          f"{rows['cleanbackdoor']['feature_loss']:.3f} vs ART {rows['ART']['feature_loss']:.3f} "
+          "(held-out patched sources, lower is better)")
+    reached = [(it, sec) for it, sec, loss in trace if loss <= rows["ART"]["feature_loss"]]
+    match = None
+    if reached:
+        it, sec = reached[0]
+        match = {"iterations": it, "seconds": round(sec, 2), "time_ratio": t_art / sec}
+        print(f"equal feature loss: ours reaches ART's final loss after {it} iterations, {sec:.1f}s: "
+              f"{t_art / sec:.2f}x faster than ART's {args.iterations} iterations")
+    else:
+        print("equal feature loss: ours never reached ART's final held-out feature loss")
+    print("ours, held-out loss by iteration: " + ", ".join(f"{it}: {loss:.2f}" for it, _, loss in trace))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "time_ratio": ratio, "trace": trace,
+                       "equal_loss": match}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

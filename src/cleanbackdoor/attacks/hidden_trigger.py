@@ -1,0 +1,378 @@
+"""Hidden trigger backdoor: correctly labelled target images, imperceptibly perturbed so that their features match
+those of source images carrying a secret trigger.
+
+Paper: A. Saha, A. Subramanya, H. Pirsiavash, "Hidden Trigger Backdoor Attacks", AAAI 2020, arXiv:1910.00033
+(authors' code: github UMBCvision/Hidden-Trigger-Backdoor-Attacks).
+
+Threat model: transfer learning. The victim fine-tunes a feature extractor f pretrained on another task (the last
+layer, in the paper) on its data, to which the attacker adds K correctly labelled target-class images z_k with
+||z_k - t_k||_inf <= eps. The trigger never appears in the training data; at test time a trigger patch pasted at a
+random position on any source-class image makes the victim predict the target class. The attacker knows f: here
+the victim's extractor pretrained by the toolkit (``model.pretrained``, :mod:`cleanbackdoor.pretrain`), or any
+model passed as ``extractor``.
+
+Algorithm (:func:`optimize_poisons`, the seed's algorithm with the authors' defaults):
+
+1. K = ``budget`` target-class training images t_k, drawn at random (seeded); the poisons start as z_k = t_k.
+2. Every iteration, for every batch of poisons (the whole set by default; ``batch_size`` splits it into
+   independent batches, as the authors' code does with 100):
+   a. draw as many source images s_k (without replacement when there are enough) and paste the trigger at a
+      random position on each (:func:`paste_patch`), giving s~_k;
+   b. match poisons to patched sources one to one in feature space (:func:`match`): the exact assignment that
+      minimizes sum_k ||f(z_k) - f(s~_a(k))||^2 (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``),
+      or ``matching = "greedy"``: repeatedly pair the closest remaining poison and source;
+   c. one gradient step on L = sum_k ||f(z_k) - f(s~_a(k))||^2: z <- z - lr_i * dL/dz (the authors' raw
+      gradient; ``step = "sign"`` uses lr_i * sign(dL/dz) instead), lr_i = lr * lr_decay^(i // decay_every)
+      (authors: 0.01 halved every 1,000 iterations);
+   d. project: z <- clip(z, t - eps, t + eps), then z <- clip(z, 0, 1).
+   A batch stops when its largest per-sample loss ||f(z_k) - f(s~_a(k))||^2 falls below ``stop_loss`` (authors:
+   10, for AlexNet's fc7), all of them after ``iterations`` (authors: 5,000).
+3. The poisons are quantized to uint8 and clipped to the eps ball of their targets in grey levels, so that
+   |poison - target| <= eps holds exactly for the stored images. Labels are unchanged.
+
+Evaluation (the experiment's, plus :meth:`HiddenTrigger.extra_metrics`): clean accuracy; the paper's "Val Patched
+(source only)", the accuracy on source-class test images with the trigger at a random position
+(``patched_source_accuracy``); ASR, the share of those predicted as the target; accuracy on unpatched source images.
+
+Deviations from the authors' code, all deliberate:
+
+- the matching is exactly one to one (Hungarian) by default; the authors' greedy loop only blanks the chosen
+  (source, poison) cell, so one source can be assigned to several poisons. ``matching = "greedy"`` is a strictly
+  one-to-one greedy matching; its cost is >= the Hungarian one;
+- the assignment cost is the squared feature distance (the loss itself); the order of pairs, hence the greedy
+  matching, is the same as with the distance;
+- all poisons are optimized together (one forward and backward per iteration, matching over the whole set)
+  unless ``batch_size`` is set; the authors run batches of 100 one after the other;
+- images are 0..1 floats in the model's input space (the extractor normalizes internally), so eps = 16/255 is the
+  authors' eps on the pixel scale; source images come from the training set's source classes (the authors keep a
+  separate poison-generation split).
+
+Budget: K, a count of target-class training images that receive a perturbation, or a fraction of the *whole*
+training set (see :mod:`.base`); it cannot exceed the size of the target class.
+
+Example::
+
+    attack = HiddenTrigger(target="horse", sources=["dog"], budget=800, extractor=my_pretrained_model)
+    poisoning = attack.poison(train_set, seed=0)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
+from cleanbackdoor.data.imageset import ImageSet
+from cleanbackdoor.data.transforms import to_nchw
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.metrics import accuracy
+from cleanbackdoor.training import predict, resolve_device
+from cleanbackdoor.triggers import PatchTrigger
+
+Matching = Literal["hungarian", "greedy"]
+
+
+class HiddenTriggerParams(AttackParams):
+    budget: int | float = Field(800, ge=0)  # K poisons (target-class images perturbed)
+    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="patch", size=8, position="random",
+                                                                     pattern="random"))
+    eps: float = 16 / 255  # L_inf bound on the 0..1 scale
+    iterations: int = Field(5000, ge=1)
+    lr: float = Field(0.01, gt=0)
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    decay_every: int = Field(1000, ge=1)
+    step: Literal["gradient", "sign"] = "gradient"
+    stop_loss: float | None = Field(10.0, ge=0)  # per-sample squared feature distance; None: never stop early
+    matching: Matching = "hungarian"
+    batch_size: int | None = Field(None, ge=1)  # poisons per independent batch; None: all together
+    log_every: int = Field(100, ge=1)
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_range(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"eps must be positive, got {value}")
+        if value > 1:
+            raise ValueError(f"eps is on the 0..1 pixel scale (16 grey levels = 16/255 = {16 / 255:.4f}), got {value}")
+        if value * 255 < 1 - 1e-6:
+            raise ValueError(f"eps = {value} is below one grey level (1/255): it cannot change a uint8 image")
+        return value
+
+
+@dataclass
+class PoisonResult:
+    """What :func:`optimize_poisons` returns: the poisons as 0..1 floats (K, C, H, W) and the optimization trace."""
+
+    poisons: torch.Tensor
+    final_loss: torch.Tensor  # (K,) per-sample loss at each batch's last iteration
+    iterations: list[int]  # iterations run, per batch
+    history: list[list[float]] = field(default_factory=list)  # [iteration, mean loss, max loss] every log_every
+    seconds: float = 0.0
+
+
+# -- the algorithm's pieces ----------------------------------------------------------------------------------
+def match(cost: np.ndarray | torch.Tensor, method: Matching = "hungarian") -> np.ndarray:
+    """A one-to-one assignment for a square cost matrix (rows: poisons, columns: patched sources):
+    ``perm[k]`` = the source matched to poison k. ``"hungarian"`` minimizes the total cost exactly;
+    ``"greedy"`` repeatedly takes the cheapest pair whose poison and source are both still free."""
+    cost = cost.detach().cpu().numpy() if isinstance(cost, torch.Tensor) else np.asarray(cost)
+    cost = cost.astype(np.float64, copy=False)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"matching needs a square cost matrix, got {cost.shape}")
+    n = cost.shape[0]
+    if method == "hungarian":
+        rows, cols = linear_sum_assignment(cost)
+        perm = np.empty(n, dtype=np.int64)
+        perm[rows] = cols
+        return perm
+    if method == "greedy":
+        order = np.argsort(cost, axis=None, kind="stable")
+        perm = np.full(n, -1, dtype=np.int64)
+        row_free, col_free = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+        left = n
+        for flat in order:
+            r, c = divmod(int(flat), n)
+            if row_free[r] and col_free[c]:
+                perm[r] = c
+                row_free[r] = col_free[c] = False
+                left -= 1
+                if left == 0:
+                    break
+        return perm
+    raise ConfigError(f"unknown matching {method!r}; allowed: greedy, hungarian")
+
+
+def paste_patch(images: torch.Tensor, patch: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``images`` (N, C, H, W) with ``patch`` (C, s, s) pasted with its top-left corner at ``positions`` (N, 2)
+    (row, column), one position per image, in one vectorized operation."""
+    n, _, h, w = images.shape
+    s = patch.shape[-1]
+    dev = images.device
+    rows = torch.arange(h, device=dev).view(1, h) - positions[:, :1].to(dev)  # (N, H) row inside the patch
+    cols = torch.arange(w, device=dev).view(1, w) - positions[:, 1:].to(dev)  # (N, W)
+    inside = ((rows >= 0) & (rows < s)).view(n, 1, h, 1) & ((cols >= 0) & (cols < s)).view(n, 1, 1, w)
+    rr = rows.clamp(0, s - 1).view(n, h, 1).expand(n, h, w)
+    cc = cols.clamp(0, s - 1).view(n, 1, w).expand(n, h, w)
+    values = patch.to(images)[:, rr, cc].permute(1, 0, 2, 3)  # (N, C, H, W)
+    return torch.where(inside, values, images)
+
+
+def feature_fn(extractor: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The representation f the attack matches: ``extractor.features`` (the penultimate layer of the toolkit's
+    models) when it has one, else the module's output; flattened to (N, D)."""
+    fn = extractor.features if callable(getattr(extractor, "features", None)) else extractor
+    return lambda x: fn(x).flatten(1)
+
+
+def optimize_poisons(features: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
+                     sources: torch.Tensor, patch: torch.Tensor, *, random_position: bool = True,
+                     fixed_position: tuple[int, int] = (0, 0), eps: float = 16 / 255, iterations: int = 5000,
+                     lr: float = 0.01, lr_decay: float = 0.5, decay_every: int = 1000,
+                     step: Literal["gradient", "sign"] = "gradient", stop_loss: float | None = 10.0,
+                     matching: Matching = "hungarian", batch_size: int | None = None, seed: int = 0,
+                     log: Callable[[str], None] | None = None, log_every: int = 100,
+                     callback: Callable[[int, torch.Tensor], None] | None = None) -> PoisonResult:
+    """The hidden-trigger optimization (module docstring, step 2) on tensors.
+
+    Args:
+        features: f, a differentiable map from 0..1 images (N, C, H, W) to features (N, D), in eval mode.
+        targets: the target images t (K, C, H, W), 0..1 floats, on the device the optimization runs on.
+        sources: the source-class images to draw from, uint8 (M, C, H, W) on the same device.
+        patch: the trigger (C, s, s), 0..1 floats.
+        random_position: paste the trigger at a random position per image (else at ``fixed_position``).
+        seed: seeds the source draws and trigger positions (a CPU generator, so runs are reproducible).
+        callback: called as ``callback(iterations_done, poisons)`` whenever the loss is logged (every
+            ``log_every`` iterations and at the end), e.g. to measure the poisons on held-out data.
+    """
+    k, _, h, w = targets.shape
+    m = sources.shape[0]
+    s = patch.shape[-1]
+    dev = targets.device
+    gen = torch.Generator().manual_seed(seed)
+    patch = patch.to(dev, torch.float32)
+    bs = k if batch_size is None else min(batch_size, k)
+    batches = [slice(i, min(i + bs, k)) for i in range(0, k, bs)]
+    poisons = targets.clone()
+    final_loss = torch.zeros(k)
+    done = [False] * len(batches)
+    ran = [0] * len(batches)
+    history: list[list[float]] = []
+    t0 = time.perf_counter()
+    for it in range(iterations):
+        rate = lr * lr_decay ** (it // decay_every)
+        it_losses = []
+        for b, sl in enumerate(batches):
+            if done[b]:
+                continue
+            n = sl.stop - sl.start
+            # (a) n source images, patched at random positions
+            idx = torch.randperm(m, generator=gen)[:n] if m >= n else torch.randint(m, (n,), generator=gen)
+            if random_position:
+                pos = torch.stack([torch.randint(h - s + 1, (n,), generator=gen),
+                                   torch.randint(w - s + 1, (n,), generator=gen)], 1)
+            else:
+                pos = torch.tensor([fixed_position]).expand(n, 2)
+            patched = paste_patch(sources[idx.to(dev)].float().div_(255), patch, pos)
+            with torch.no_grad():
+                f_src = features(patched)
+            # (b) one-to-one matching in feature space
+            z = poisons[sl].clone().requires_grad_(True)
+            f_z = features(z)
+            perm = match(torch.cdist(f_z.detach(), f_src).square_(), matching)
+            # (c) a gradient step on the summed squared feature distance
+            per_sample = (f_z - f_src[torch.from_numpy(perm).to(dev)]).square().sum(1)
+            (grad,) = torch.autograd.grad(per_sample.sum(), z)
+            with torch.no_grad():
+                z = z - rate * (grad.sign() if step == "sign" else grad)
+                # (d) projection onto the eps ball around the targets and the valid pixel range
+                t = targets[sl]
+                poisons[sl] = torch.minimum(torch.maximum(z, t - eps), t + eps).clamp_(0, 1)
+            loss = per_sample.detach().cpu()
+            if not torch.isfinite(loss).all():
+                raise ConfigError(f"hidden-trigger optimization diverged at iteration {it + 1}; lower lr")
+            final_loss[sl] = loss
+            ran[b] = it + 1
+            it_losses.append(loss)
+            if stop_loss is not None and float(loss.max()) < stop_loss:
+                done[b] = True
+        if it_losses and (it == 0 or (it + 1) % log_every == 0 or it == iterations - 1 or all(done)):
+            cur = torch.cat(it_losses)
+            history.append([it + 1, float(cur.mean()), float(cur.max())])
+            if log is not None:
+                log(f"hidden trigger: iteration {it + 1}/{iterations}, lr {rate:.2e}, feature loss mean "
+                    f"{float(cur.mean()):.3f}, max {float(cur.max()):.3f}")
+            if callback is not None:
+                callback(it + 1, poisons)
+        if all(done):
+            break
+    return PoisonResult(poisons.detach(), final_loss, ran, history, time.perf_counter() - t0)
+
+
+def quantize(poisons: torch.Tensor, targets_uint8: np.ndarray, eps: float) -> np.ndarray:
+    """0..1 poisons (K, C, H, W) -> uint8 (K, H, W, C), rounded, then clipped to the eps ball of the uint8 targets
+    in whole grey levels (floor(eps * 255)), so |poison - target| <= eps holds exactly."""
+    levels = math.floor(eps * 255 + 1e-6)
+    p = poisons.detach().cpu().permute(0, 2, 3, 1).mul(255).round().numpy().astype(np.int16)
+    t = targets_uint8.astype(np.int16)
+    return np.clip(p, t - levels, t + levels).clip(0, 255).astype(np.uint8)
+
+
+def patch_pixels(trigger: PatchTrigger) -> np.ndarray:
+    """The trigger's pattern as uint8 (s, s, C): the trigger applied at (0, 0) to a black image."""
+    c, h, w = trigger.image_shape
+    corner = dataclasses.replace(trigger, position=(0, 0))
+    return corner(np.zeros((1, h, w, c), dtype=np.uint8))[0, :trigger.size, :trigger.size]
+
+
+# -- the attack ----------------------------------------------------------------------------------------------
+class HiddenTrigger(Attack):
+    """Hidden trigger backdoor (Saha et al., AAAI 2020); see the module docstring.
+
+    Arguments: ``target``, ``sources`` (a list, or "all" for every other class: the multi-source attack), ``budget``
+    (K), ``trigger`` (a patch; position "random" by default), ``eps``, ``iterations``, ``lr``, ``lr_decay``,
+    ``decay_every``, ``step``, ``stop_loss``, ``matching``, ``batch_size``. ``extractor`` (keyword, optional): the
+    feature extractor f; by default the victim's pretrained extractor (``model.pretrained`` in the config).
+
+    Shapes: training images uint8 (N, H, W, C); the poisoning carries K uint8 images and their indices; labels are
+    returned unchanged.
+    """
+
+    name = "hidden_trigger"
+    Params = HiddenTriggerParams
+
+    def __init__(self, params: AttackParams | dict | None = None, *, extractor: nn.Module | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.extractor = extractor
+
+    def _check_params(self) -> None:
+        if self.params.trigger.name != "patch":
+            raise ConfigError(f"attack {self.name!r} pastes a patch trigger; got trigger {self.params.trigger.name!r}")
+
+    def _extractor(self, ctx: AttackContext) -> nn.Module:
+        if self.extractor is not None:
+            return self.extractor
+        model_cfg = ctx.model
+        if model_cfg is None or getattr(model_cfg, "pretrained", None) is None:
+            raise ConfigError(f"attack {self.name!r} attacks a transfer-learning victim: configure the feature "
+                              "extractor it fine-tunes (model.pretrained, a source task) or pass extractor=...")
+        from cleanbackdoor.pretrain import pretrained_model  # here: the pretrain module imports config
+
+        return pretrained_model(model_cfg, cache_dir=ctx.cache_dir, device=ctx.device, progress=ctx.progress,
+                                log=ctx.log)
+
+    def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
+        if train.multilabel:
+            raise ConfigError(f"attack {self.name!r} needs single-label data")
+        ctx = context or AttackContext()
+        p = self.params
+        target, sources = self.resolve_classes(train)
+        trigger = p.trigger.build(train.image_shape, seed)
+        target_pool = np.flatnonzero(train.labels == target)
+        source_pool = np.flatnonzero(self.eligible(train, target, sources))
+        if len(source_pool) == 0:
+            raise ConfigError(f"attack {self.name!r}: the training set has no source-class images")
+        k = resolve_budget(p.budget, len(train), len(target_pool),
+                           f"poisons (target class {train.class_names[target]!r} has {len(target_pool)} images)")
+        chosen = np.sort(np.random.default_rng(seed).choice(target_pool, size=k, replace=False))
+        meta: dict[str, Any] = {"seed": seed, "target_name": train.class_names[target],
+                                "source_names": [train.class_names[s] for s in (sources or ())] or "all",
+                                "eps": p.eps, "eps_grey_levels": math.floor(p.eps * 255 + 1e-6)}
+        if k == 0:
+            return Poisoning(self.name, train.labels.copy(), np.zeros(len(train), dtype=bool), trigger, target,
+                             sources, 0, chosen, train.images[chosen], metadata=meta)
+
+        device = resolve_device(ctx.device)
+        extractor = copy.deepcopy(self._extractor(ctx)).to(device).eval()
+        for param in extractor.parameters():
+            param.requires_grad_(False)
+        targets01 = to_nchw(train.images[chosen], device).float().div_(255)
+        source_images = to_nchw(train.images[source_pool], device)
+        patch = torch.from_numpy(patch_pixels(trigger)).permute(2, 0, 1).float().div_(255)
+        fixed = (0, 0) if trigger.position == "random" else tuple(int(v) for v in trigger.positions(1)[0])
+        ctx.log(f"hidden trigger: {k} poisons from {len(target_pool)} target-class images, sources drawn from "
+                f"{len(source_pool)} images, eps {p.eps:.4f}, up to {p.iterations} iterations on {device}")
+        result = optimize_poisons(
+            feature_fn(extractor), targets01, source_images, patch, random_position=trigger.position == "random",
+            fixed_position=fixed, eps=p.eps, iterations=p.iterations, lr=p.lr, lr_decay=p.lr_decay,
+            decay_every=p.decay_every, step=p.step, stop_loss=p.stop_loss, matching=p.matching,
+            batch_size=p.batch_size, seed=seed, log=ctx.log if ctx.progress else None, log_every=p.log_every)
+        images = quantize(result.poisons, train.images[chosen], p.eps)
+        diff = np.abs(images.astype(np.int16) - train.images[chosen].astype(np.int16))
+        mask = np.zeros(len(train), dtype=bool)
+        mask[chosen] = True
+        meta.update({"iterations_run": max(result.iterations), "iterations": p.iterations,
+                     "stopped_early": max(result.iterations) < p.iterations,
+                     "final_feature_loss_mean": float(result.final_loss.mean()),
+                     "final_feature_loss_max": float(result.final_loss.max()),
+                     "initial_feature_loss_mean": result.history[0][1] if result.history else None,
+                     "linf_grey_levels": int(diff.max()), "mean_abs_grey_levels": float(diff.mean()),
+                     "matching": p.matching, "seconds": round(result.seconds, 3), "history": result.history,
+                     "extractor": getattr(extractor, "source_task", {}).get("key")})
+        ctx.log(f"hidden trigger: {max(result.iterations)} iterations in {result.seconds:.1f}s, feature loss "
+                f"mean {meta['final_feature_loss_mean']:.3f} (from {meta['initial_feature_loss_mean']:.3f}), "
+                f"L_inf {meta['linf_grey_levels']} grey levels")
+        return Poisoning(self.name, train.labels.copy(), mask, trigger, target, sources, k, chosen, images,
+                         metadata=meta)
+
+    def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+        """The paper's figures besides CTA and ASR: accuracy on patched source images ("Val Patched (source
+        only)") and on the same images unpatched."""
+        eligible = self.asr_mask(test, poisoning)
+        if not eligible.any() or poisoning.activation is None:
+            return {}
+        images, labels = test.images[eligible], test.labels[eligible]
+        patched_pred = predict(model, poisoning.activation(images))
+        return {"patched_source_accuracy": accuracy(patched_pred, labels),
+                "source_accuracy": accuracy(predict(model, images), labels)}

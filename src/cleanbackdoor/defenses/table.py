@@ -1,0 +1,241 @@
+"""The attack x defense table: one row per experiment config (any attack), one column per defense.
+
+Every row is an ordinary experiment with a ``defenses = [...]`` key, measured by the same code
+(:func:`cleanbackdoor.defenses.stage.run_defenses`). Rows are expensive, so nothing is computed twice:
+
+1. a row whose result is already in ``OUT/rows/<name>.json`` under the same key (the resolved config, defenses
+   included, less the keys that do not change results: out, progress, device, examples, cache_dir) is reused;
+2. a row whose experiment folder (``out`` of its config) already holds a complete run of the same experiment
+   (same config less those keys and ``defenses``) keeps that run's victim, poisoning and figures: only the
+   defenses run (and retrain), and the run folder is left untouched;
+3. otherwise the experiment runs, defenses included, into its ``out`` folder (into ``OUT/runs/<name>`` when that
+   folder holds another experiment, which is never replaced).
+
+Writes ``OUT/table.md`` (detection table and after-defense table, with the reproducing command) and
+``OUT/table.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config, stable_key
+from cleanbackdoor.errors import ConfigError, DataError
+from cleanbackdoor.experiment import to_json_value
+
+VOLATILE = ("out", "progress", "device", "examples", "cache_dir")
+
+
+def experiment_key(cfg: ExperimentConfig, with_defenses: bool = True) -> str:
+    d = {k: v for k, v in config_to_dict(cfg).items() if k not in VOLATILE}
+    if not with_defenses:
+        d.pop("defenses", None)
+    return stable_key("experiment", d)
+
+
+def reusable_run(cfg: ExperimentConfig) -> Path | None:
+    """The config's experiment folder, when it holds a complete run of the same experiment (defenses aside)."""
+    folder = cfg.output_dir()
+    needed = ("config.toml", "metrics.json", "model.pt", "poisoning.npz", "poisoning.json")
+    if not all((folder / n).is_file() for n in needed):
+        return None
+    try:
+        stored = load_config(folder / "config.toml")
+    except ConfigError:
+        return None
+    return folder if experiment_key(stored, False) == experiment_key(cfg, False) else None
+
+
+def defend_run(cfg: ExperimentConfig, run_dir: Path, *, log: Callable[[str], None] = print,
+               work_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``cfg.defenses`` against the victim of a completed run in ``run_dir`` (read only); returns the run's
+    figures with ``defenses`` added."""
+    from cleanbackdoor.attacks import AttackContext, Poisoning, build_attack  # noqa: PLC0415
+    from cleanbackdoor.defenses.stage import run_defenses  # noqa: PLC0415
+    from cleanbackdoor.experiment import load_data, new_model  # noqa: PLC0415
+    from cleanbackdoor.training import resolve_device  # noqa: PLC0415
+
+    attack = build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
+    splits = load_data(cfg)
+    train_set = splits.train
+    poisoning = Poisoning.load(run_dir, image_shape=train_set.image_shape)
+    info = json.loads((run_dir / "poisoning.json").read_text())
+    if poisoning.activation is None and info.get("activation") is not None:
+        # a trigger that cannot be rebuilt from its parameters (e.g. a learned feature): redo the attack, which
+        # is deterministic for the seed, and check that it is the stored poisoning
+        context = AttackContext(cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log,
+                                model=cfg.model, train=cfg.train)
+        again = attack.poison(train_set, seed=cfg.seed, context=context)
+        if not (np.array_equal(again.labels, poisoning.labels) and np.array_equal(again.mask, poisoning.mask)):
+            raise DataError(f"{run_dir}: the attack no longer reproduces the stored poisoning; rerun the experiment")
+        poisoning = again
+    model = new_model(cfg, train_set, cfg.seed)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    model.to(resolve_device(cfg.device)).eval()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    log(f"reusing the victim of {run_dir} ({cfg.attack_name}: CTA {metrics.get('clean_accuracy')}, "
+        f"ASR {metrics.get('attack_success_rate')})")
+    t0 = time.perf_counter()
+    metrics["defenses"] = run_defenses(cfg, splits, attack, poisoning, model, log=log, work_dir=work_dir)
+    metrics.setdefault("seconds", {})["defenses"] = round(time.perf_counter() - t0, 3)
+    metrics["victim_from"] = str(run_dir)
+    return metrics
+
+
+def row_metrics(cfg: ExperimentConfig, name: str, out: Path, *, log: Callable[[str], None] = print) -> dict:
+    """The figures of one row: reused from ``out/rows``, from the config's completed run, or a fresh run."""
+    from cleanbackdoor.experiment import run_experiment  # noqa: PLC0415
+
+    if not cfg.defenses:
+        raise ConfigError(f"row {name!r} lists no defenses: add `defenses = [...]` to its config or "
+                          "--set 'defenses=[\"spectral\"]'")
+    key = experiment_key(cfg)
+    row_file = out / "rows" / f"{name}.json"
+    if row_file.is_file():
+        stored = json.loads(row_file.read_text())
+        if stored.get("key") == key:
+            log(f"row {name}: reused from {row_file}")
+            return stored["metrics"]
+    run_dir = reusable_run(cfg)
+    work = out / "rows" / name
+    work.mkdir(parents=True, exist_ok=True)
+    if run_dir is not None:
+        metrics = defend_run(cfg, run_dir, log=log, work_dir=work)
+    else:
+        final = cfg.output_dir()
+        if final.exists() and any(final.iterdir()):  # another experiment's folder: never replace it
+            cfg = cfg.model_copy(update={"out": str(out / "runs" / name)})
+        log(f"row {name}: running the experiment into {cfg.output_dir()}")
+        metrics = run_experiment(cfg, echo=False).metrics
+    tmp = row_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "config": config_to_dict(cfg), "metrics": metrics}, indent=2,
+                              default=to_json_value))
+    tmp.replace(row_file)
+    return json.loads(row_file.read_text())["metrics"]
+
+
+
+
+# -- formatting ---------------------------------------------------------------------------------------------
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%"
+
+
+def _auc(v: Any) -> str:
+    return "-" if v is None or np.isnan(v) else f"{v:.2f}"
+
+
+def detection_cell(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "not run"
+    if d.get("skipped"):
+        return f"skipped ({d['skipped']})"
+    m = d["detection"]
+    cell = f"R {_pct(m['recall'])} / P {_pct(m['precision'])} / AUC {_auc(m['roc_auc'])}"
+    if d.get("kind") == "inference":
+        cell += f" (FRR {_pct(d.get('false_rejection_rate'))})"
+    else:
+        cell += f" ({m['flagged']} flagged)"
+    return cell
+
+
+def after_cell(d: dict[str, Any] | None) -> str:
+    if d is None or d.get("skipped"):
+        return "-"
+    after = d.get("after_removal") or d.get("after_rejection")
+    if not after:
+        return "not retrained"
+    if "clean_accuracy" not in after and "mean_average_precision" in after:  # multi-label
+        return f"ASR {_pct(after.get('attack_success_rate'))} / mAP {_pct(after['mean_average_precision'])}"
+    return f"ASR {_pct(after.get('attack_success_rate'))} / CTA {_pct(after.get('clean_accuracy'))}"
+
+
+def _row_label(m: dict[str, Any]) -> str:
+    return f"{m['attack']} ({m['poisoned_examples']} changed, {_pct(m['poisoned_fraction'])})"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], command: str) -> str:
+    head = "| attack (training labels changed) | victim ASR / CTA (mAP) | clean model ASR | " + " | ".join(columns) + " |"
+    rule = "|" + "---|" * (3 + len(columns))
+    det, aft = [head, rule], [head, rule]
+    for r in rows:
+        m = r["metrics"]
+        clean = m.get("clean_model") or {}
+        quality = (f"CTA {_pct(m.get('clean_accuracy'))}" if "clean_accuracy" in m
+                   else f"mAP {_pct(m.get('mean_average_precision'))}")
+        lead = (f"| {_row_label(m)} | ASR {_pct(m.get('attack_success_rate'))} / {quality}"
+                f" | {_pct(clean.get('attack_success_rate'))} | ")
+        d = m.get("defenses", {})
+        det.append(lead + " | ".join(detection_cell(d.get(c)) for c in columns) + " |")
+        aft.append(lead + " | ".join(after_cell(d.get(c)) for c in columns) + " |")
+    first = rows[0]["metrics"] if rows else {}
+    return "\n".join([
+        f"# Attacks x defenses on {first.get('dataset', '?')}",
+        "",
+        f"    {command}",
+        "",
+        "## Detection (against the attack's true mask)",
+        "",
+        ("R = recall (share of the changed training examples flagged), P = precision (share of the flagged that "
+         "were changed), at the method's own threshold; AUC = ROC AUC of its scores. STRIP scores test inputs "
+         "(clean vs triggered) instead, with its false rejection rate (FRR) on clean inputs."),
+        "",
+        *det,
+        "",
+        "## After the defense",
+        "",
+        ("Training-set defenses: the flagged examples removed, the victim retrained (same recipe and seed). STRIP: "
+         "rejected inputs count as errors for CTA and as failures for ASR (on its evaluation half of the test set)."),
+        "",
+        *aft,
+        "",
+    ])
+
+
+def run_table(paths: Sequence[str], out: Path, *, overrides: Sequence[str] = (), fields: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print, command: str | None = None) -> dict[str, Any]:
+    """Build the table from experiment configs (files, or completed run folders holding ``config.toml``)."""
+    if not paths:
+        raise ConfigError("defense-table needs at least one experiment config")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, names = [], set()
+    for path in paths:
+        p = Path(path)
+        source = p / "config.toml" if p.is_dir() else p
+        name = p.name if p.is_dir() else p.stem
+        while name in names:
+            name += "+"
+        names.add(name)
+        cfg = load_config(source, list(overrides), **(fields or {}))
+        if p.is_dir():
+            cfg = cfg.model_copy(update={"out": str(p)})
+        metrics = row_metrics(cfg, name, out, log=log)
+        rows.append({"name": name, "config": str(path), "metrics": metrics})
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r["metrics"].get("defenses", {}) if c not in columns]
+    command = command or "cleanbackdoor defense-table " + " ".join(shlex.quote(str(p)) for p in paths)
+    summary = {"columns": columns, "command": command,
+               "rows": [{"name": r["name"], "config": r["config"], "attack": r["metrics"]["attack"],
+                         "dataset": r["metrics"]["dataset"], "poisoned_examples": r["metrics"]["poisoned_examples"],
+                         "poisoned_fraction": r["metrics"]["poisoned_fraction"],
+                         "clean_accuracy": r["metrics"].get("clean_accuracy"),
+                         "attack_success_rate": r["metrics"].get("attack_success_rate"),
+                         "clean_model": r["metrics"].get("clean_model"),
+                         "defenses": r["metrics"].get("defenses", {})} for r in rows]}
+    (out / "table.json").write_text(json.dumps(summary, indent=2, default=to_json_value))
+    text = markdown_table(rows, columns, command)
+    (out / "table.md").write_text(text)
+    log(text)
+    log(f"results: {out}")
+    return summary

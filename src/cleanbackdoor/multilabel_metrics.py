@@ -1,0 +1,233 @@
+"""Multi-label figures: mAP, the attack success rate of each goal, and the side effect on other labels.
+
+Definitions follow K. Chen et al., "Clean-image Backdoor: Attacking Multi-label Models with Poisoned Labels Only"
+(ICLR 2023) and the authors' evaluation scripts (github kangjie-chen/clean-image_backdoor):
+
+- **Scores** are sigmoid outputs, one per category. A category is **predicted** when its score is strictly above
+  ``threshold`` (0.75, the authors' value) *and* it is among the ``top_k`` highest scores of the image (the
+  authors use K = 8 on VOC, 20 on COCO; ``None`` means no top-K cap). Ties in the top-K ranking go to the lower
+  category index.
+- **AP** of one category: rank the images by score (descending; ties by image index), average the precision at
+  the rank of every positive image (non-interpolated AP, as the authors' ``average_precision``). **mAP** is the
+  mean over the categories that have at least one positive image. Deviation: the authors count a category
+  without positives as AP 0; it is left out here (its AP is undefined), and reported as NaN per category.
+- **Trigger images**: images whose label set contains every category of the trigger T.
+- **ASR** among trigger images (and, for goals that add a category b, among those that lack b):
+  *disappearing*: the removed category a is not predicted; *appearing*: b is predicted;
+  *misclassification*: both at once.
+- **Side effect**: on the same images, the mean Hamming distance between the clean and the backdoored model's
+  predictions over the *non-target* categories (all but a and b), as the authors' ``coco_validate_on_poisoned_val``
+  (which averages the count of differing labels per image). ``side_effect_rate`` divides it by the number of
+  non-target categories.
+
+Everything here works on arrays, except :func:`evaluate_multilabel` and :func:`compare_with_clean`, which run a
+model on a test set and read the backdoor (trigger, goal, a, b, threshold, top-K) from a poisoning's metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from cleanbackdoor.training import predict_logits
+
+Goal = Literal["disappearing", "appearing", "misclassification"]
+GOALS: tuple[str, ...] = ("disappearing", "appearing", "misclassification")
+DEFAULT_THRESHOLD = 0.75
+
+
+# -- ranking figures ----------------------------------------------------------------------------------------
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Non-interpolated AP of one category: mean precision at the ranks of the positives; NaN without positives."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in shape")
+    positives = int(labels.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = labels[order]
+    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision_at[hits].sum() / positives)
+
+
+def average_precisions(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AP of every category (K,), NaN for categories without a positive image."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, classes)")
+    return np.array([average_precision(scores[:, k], labels[:, k]) for k in range(labels.shape[1])])
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """mAP over the categories with at least one positive image (NaN when there is none)."""
+    ap = average_precisions(scores, labels)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
+# -- decisions ----------------------------------------------------------------------------------------------
+def predict_labels(scores: np.ndarray, threshold: float = DEFAULT_THRESHOLD, top_k: int | None = None) -> np.ndarray:
+    """0/1 predictions (N, K): score > threshold and within the image's ``top_k`` highest (ties: lower index)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (N, classes), got {scores.shape}")
+    pred = scores > threshold
+    if top_k is not None and top_k < scores.shape[1]:
+        order = np.argsort(-scores, axis=1, kind="stable")
+        in_top = np.zeros_like(pred)
+        np.put_along_axis(in_top, order[:, :top_k], True, axis=1)
+        pred &= in_top
+    return pred.astype(np.uint8)
+
+
+def contains_all(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Mask (N,) of the label sets that contain every one of ``classes``."""
+    labels = np.asarray(labels)
+    if len(classes) == 0:
+        return np.ones(len(labels), dtype=bool)
+    return labels[:, list(classes)].astype(bool).all(axis=1)
+
+
+# -- the backdoor ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackdoorSpec:
+    """What a multi-label backdoor does: on images containing ``trigger``, remove ``remove`` and/or add ``add``."""
+
+    trigger: tuple[int, ...]
+    goal: Goal
+    remove: int | None = None
+    add: int | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.goal not in GOALS:
+            raise ValueError(f"unknown goal {self.goal!r}; allowed: {', '.join(GOALS)}")
+        if self.goal in ("disappearing", "misclassification") and self.remove is None:
+            raise ValueError(f"goal {self.goal!r} needs the category to remove")
+        if self.goal in ("appearing", "misclassification") and self.add is None:
+            raise ValueError(f"goal {self.goal!r} needs the category to add")
+
+    @property
+    def targets(self) -> tuple[int, ...]:
+        return tuple(c for c in (self.remove, self.add) if c is not None)
+
+    def eligible(self, labels: np.ndarray) -> np.ndarray:
+        """Images the goal is measured on: they contain the trigger (and lack ``add`` where one is added)."""
+        mask = contains_all(labels, self.trigger)
+        if self.add is not None:
+            mask &= np.asarray(labels)[:, self.add] == 0
+        return mask
+
+    def success(self, pred: np.ndarray) -> np.ndarray:
+        """Per image (N,): the goal is reached in these 0/1 predictions."""
+        pred = np.asarray(pred)
+        ok = np.ones(len(pred), dtype=bool)
+        if self.remove is not None:
+            ok &= pred[:, self.remove] == 0
+        if self.add is not None:
+            ok &= pred[:, self.add] == 1
+        return ok
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> BackdoorSpec:
+        return cls(tuple(int(c) for c in metadata["trigger"]), metadata["goal"], metadata.get("remove"),
+                   metadata.get("add"), float(metadata.get("threshold", DEFAULT_THRESHOLD)), metadata.get("top_k"))
+
+
+def attack_success_rate(pred: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) -> float:
+    """Share of the eligible images (see :meth:`BackdoorSpec.eligible`) on which the goal is reached; NaN if none."""
+    mask = spec.eligible(labels)
+    if not mask.any():
+        return float("nan")
+    return float(spec.success(np.asarray(pred)[mask]).mean())
+
+
+def hamming_side_effect(pred_clean: np.ndarray, pred_backdoor: np.ndarray, exclude: Sequence[int] = ()) -> float:
+    """Mean number (per image) of non-excluded categories on which two 0/1 prediction matrices differ."""
+    a, b = np.asarray(pred_clean), np.asarray(pred_backdoor)
+    if a.shape != b.shape:
+        raise ValueError(f"predictions {a.shape} and {b.shape} differ in shape")
+    if len(a) == 0:
+        return float("nan")
+    keep = np.setdiff1d(np.arange(a.shape[1]), np.asarray(list(exclude), dtype=np.int64))
+    return float((a[:, keep] != b[:, keep]).sum(axis=1).mean())
+
+
+def backdoor_report(scores: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) -> dict[str, Any]:
+    """mAP (all test images, and those without the trigger) and the goal's ASR, from scores (N, K) in [0, 1]."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    pred = predict_labels(scores, spec.threshold, spec.top_k)
+    has_trigger = contains_all(labels, spec.trigger)
+    eligible = spec.eligible(labels)
+    ap = average_precisions(scores, labels)
+    out: dict[str, Any] = {
+        "mean_average_precision": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "mean_average_precision_no_trigger": mean_average_precision(scores[~has_trigger], labels[~has_trigger]),
+        "average_precision_per_class": [None if np.isnan(v) else float(v) for v in ap],
+        "attack_success_rate": attack_success_rate(pred, labels, spec),
+        "asr_test_images": int(eligible.sum()),
+        "trigger_test_images": int(has_trigger.sum()),
+        "threshold": spec.threshold,
+        "top_k": spec.top_k,
+    }
+    if spec.remove is not None:  # the two halves of misclassification, and disappearing on its own
+        out["removed_not_predicted_rate"] = (float((pred[eligible, spec.remove] == 0).mean())
+                                            if eligible.any() else float("nan"))
+        # how often the model predicts a on images that have a but not the trigger: must stay high
+        others = (labels[:, spec.remove] == 1) & ~has_trigger
+        out["removed_predicted_without_trigger"] = (float(pred[others, spec.remove].mean())
+                                                    if others.any() else float("nan"))
+    if spec.add is not None:
+        out["added_predicted_rate"] = float(pred[eligible, spec.add].mean()) if eligible.any() else float("nan")
+        # false appearance of b on images without the trigger (and without b): must stay low
+        others = (labels[:, spec.add] == 0) & ~has_trigger
+        out["added_predicted_without_trigger"] = (float(pred[others, spec.add].mean())
+                                                  if others.any() else float("nan"))
+    return out
+
+
+# -- on a model -----------------------------------------------------------------------------------------------
+def multilabel_scores(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Sigmoid scores (N, K) of a multi-label model on uint8 images (N, H, W, C)."""
+    if len(images) == 0:
+        raise ValueError("no images to score")
+    return torch.sigmoid(predict_logits(model, images, batch_size)).numpy().astype(np.float64)
+
+
+def evaluate_multilabel(model: torch.nn.Module, test: Any, poisoning: Any) -> dict[str, Any]:
+    """:func:`backdoor_report` of ``model`` on the ImageSet ``test``, for the backdoor ``poisoning`` plants."""
+    spec = BackdoorSpec.from_metadata(poisoning.metadata)
+    return backdoor_report(multilabel_scores(model, test.images), test.labels, spec)
+
+
+def compare_with_clean(clean: torch.nn.Module, model: torch.nn.Module, test: Any, poisoning: Any) -> dict[str, Any]:
+    """The side effect: Hamming distance of the non-target predictions of ``clean`` and ``model`` on the images
+    the goal is measured on (see :meth:`BackdoorSpec.eligible`)."""
+    spec = BackdoorSpec.from_metadata(poisoning.metadata)
+    mask = spec.eligible(test.labels)
+    out: dict[str, Any] = {"side_effect_test_images": int(mask.sum())}
+    if not mask.any():
+        return {**out, "side_effect_hamming": float("nan"), "side_effect_rate": float("nan")}
+    images = test.images[mask]
+    p_clean = predict_labels(multilabel_scores(clean, images), spec.threshold, spec.top_k)
+    p_model = predict_labels(multilabel_scores(model, images), spec.threshold, spec.top_k)
+    hamming = hamming_side_effect(p_clean, p_model, spec.targets)
+    out["side_effect_hamming"] = hamming
+    out["side_effect_rate"] = hamming / max(1, p_clean.shape[1] - len(spec.targets))
+    return out
+
+
+def multilabel_fit_rate(model: torch.nn.Module, images: np.ndarray, poisoning: Any) -> float:
+    """Share of the poisoned training images (``images``) on which ``model`` reaches the goal: did the victim fit
+    the falsified label sets?"""
+    spec = BackdoorSpec.from_metadata(poisoning.metadata)
+    if len(images) == 0:
+        return float("nan")
+    pred = predict_labels(multilabel_scores(model, images), spec.threshold, spec.top_k)
+    return float(spec.success(pred).mean())

@@ -1,0 +1,129 @@
+"""Feature extractors pretrained by the toolkit on a source task, for transfer-learning victims.
+
+The hidden-trigger attack (Saha, Subramanya, Pirsiavash, AAAI 2020) assumes transfer learning: the victim takes a
+feature extractor trained on another task and fine-tunes it on its own data, the last layer only (the paper's
+setting) or the whole network. No weights are downloaded here: the toolkit trains the extractor itself on a
+*source task*, ``model.pretrained`` in the config (:class:`~cleanbackdoor.config.PretrainConfig`): the victim's
+architecture trained on some classes of a dataset (e.g. the CIFAR-10 classes other than the attacked ones), with
+its own recipe and seed. The result is cached under a key of exactly those inputs (architecture, source data,
+classes, subset, recipe, seed), like the clean model of an experiment, so every run, attack and budget that names
+the same source task trains it once; pretraining resumes from its last epoch after an interruption.
+
+The cached file holds plain tensors and numbers (``torch.load(..., weights_only=True)``): the weights, the source
+task's class names, the normalization statistics of the source data (the extractor was trained with them, so a
+victim built on it keeps them), and the source-task test accuracy.
+
+- :func:`~cleanbackdoor.data.subset.select_classes` (re-exported here): an image set restricted to some classes, relabelled 0..k-1 (the victim's task, the
+  source task);
+- :func:`pretrained_model`: the source-task classifier (extractor + source head), from the cache or trained;
+- :func:`victim_from_pretrained`: a victim for a new task: the pretrained extractor and a fresh, seeded head.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cleanbackdoor.config import ModelConfig, PretrainConfig, stable_key
+from cleanbackdoor.data import ImageSet, load_dataset, select_classes, stratified_subset
+from cleanbackdoor.data.transforms import channel_stats
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.metrics import accuracy
+from cleanbackdoor.models import Classifier, build_model
+from cleanbackdoor.training import predict, resolve_device, save_atomic, train
+
+
+def source_task(spec: PretrainConfig) -> tuple[ImageSet, ImageSet]:
+    """The (train, test) sets of the source task a :class:`PretrainConfig` names."""
+    if spec.dataset is None:
+        raise ConfigError("model.pretrained.dataset is not resolved (load the config with load_config)")
+    splits = load_dataset(spec.dataset, root=spec.root, **spec.options)
+    train_set, test_set = splits.train, splits.test
+    if spec.classes is not None:
+        train_set, test_set = select_classes(train_set, spec.classes), select_classes(test_set, spec.classes)
+    if spec.per_class:
+        train_set = stratified_subset(train_set, per_class=spec.per_class, seed=spec.seed)
+    return train_set, test_set
+
+
+def pretrain_key(model_cfg: ModelConfig) -> str:
+    """The cache key of a pretrained extractor: exactly the inputs that produce it."""
+    spec = _spec(model_cfg)
+    return stable_key("pretrained", model_cfg.name, model_cfg.options, spec.model_dump(mode="json"))
+
+
+def _spec(model_cfg: ModelConfig) -> PretrainConfig:
+    if model_cfg is None or model_cfg.pretrained is None:
+        raise ConfigError("no pretrained extractor is configured (model.pretrained)")
+    return model_cfg.pretrained
+
+
+def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, device: str = "auto",
+                     progress: bool = True, log: Callable[[str], None] = print) -> Classifier:
+    """The source-task classifier of ``model_cfg.pretrained`` (in eval mode, on ``device``): loaded from the cache,
+    or trained on the source task and cached. ``cache_dir`` None trains without caching."""
+    spec = _spec(model_cfg)
+    key = pretrain_key(model_cfg)
+    path = Path(cache_dir) / "models" / f"pretrained-{key}.pt" if cache_dir is not None else None
+    dev = resolve_device(device)
+    if path is not None and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = _build(model_cfg, state)
+        model.load_state_dict(state["weights"])
+        model.source_task = _info(state, key)
+        log(f"pretrained extractor: loaded from cache {path} (source task: {len(state['class_names'])} classes, "
+            f"test accuracy {state['source_test_accuracy']:.3f})")
+        return model.to(dev).eval()
+    train_set, test_set = source_task(spec)
+    mean, std = channel_stats(train_set.images)
+    log(f"pretrained extractor: training {model_cfg.name} on {len(train_set)} images of the source task "
+        f"({', '.join(train_set.class_names)}), {spec.train.epochs} epochs")
+    state: dict[str, Any] = {"class_names": list(train_set.class_names), "mean": list(mean), "std": list(std),
+                             "image_shape": list(train_set.image_shape)}
+    model = _build(model_cfg, state, seed=spec.seed)
+    checkpoint = path.with_suffix(".ckpt") if path is not None else None
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    history = train(model, train_set.images, train_set.labels, spec.train, seed=spec.seed, device=dev,
+                    progress=progress, desc="pretraining", checkpoint=checkpoint, checkpoint_key=key)
+    state["source_test_accuracy"] = accuracy(predict(model, test_set.images), test_set.labels)
+    state["train_loss"] = history.loss
+    log(f"pretrained extractor: source-task test accuracy {state['source_test_accuracy']:.3f}")
+    if path is not None:
+        state["weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_atomic(state, path)
+        checkpoint.unlink(missing_ok=True)
+    model.source_task = _info(state, key)
+    return model.eval()
+
+
+def _info(state: dict[str, Any], key: str) -> dict[str, Any]:
+    """What a pretrained model remembers of its source task (attribute ``source_task``)."""
+    return {"key": key, "class_names": list(state["class_names"]), "image_shape": tuple(state["image_shape"]),
+            "source_test_accuracy": float(state["source_test_accuracy"])}
+
+
+def _build(model_cfg: ModelConfig, state: dict[str, Any], seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return build_model(model_cfg.name, tuple(state["image_shape"]), len(state["class_names"]),
+                       tuple(state["mean"]), tuple(state["std"]), **model_cfg.options)
+
+
+def victim_from_pretrained(pretrained: Classifier, image_shape: tuple[int, int, int], num_classes: int,
+                           seed: int) -> Classifier:
+    """A victim for a ``num_classes``-way task on (C, H, W) images: a copy of the pretrained extractor (weights and
+    normalization) with a fresh linear head, initialized from ``seed``."""
+    source_shape = tuple(getattr(pretrained, "source_task", {}).get("image_shape", image_shape))
+    if tuple(image_shape) != source_shape:
+        raise ConfigError(f"the pretrained extractor takes {source_shape} images, the victim's data are "
+                          f"{tuple(image_shape)}")
+    model = copy.deepcopy(pretrained).cpu()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(seed)
+    model.head = torch.nn.Linear(model.head.in_features, num_classes)
+    return model.train()

@@ -1,0 +1,123 @@
+"""Transfer-learning victims: class selection, the cached pretrained extractor, fine-tuning of the last layer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cleanbackdoor.cli import main
+from cleanbackdoor.config import ModelConfig, load_config
+from cleanbackdoor.data import ImageSet, load_dataset
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.models import build_model
+from cleanbackdoor.pretrain import pretrain_key, pretrained_model, select_classes, victim_from_pretrained
+from cleanbackdoor.training import TrainConfig, train
+
+PRETRAIN = 'model.pretrained={classes=[0, 1, 2, 3, 4], train={preset="digits", epochs=8}}'
+VICTIM = 'train={preset="digits", epochs=10, finetune="last"}'
+
+
+def _cfg(cache, *extra):
+    return load_config(None, ["model.options={width=16}", PRETRAIN, f'cache_dir="{cache}"', *extra])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the module: the digits extractor is pretrained once."""
+    return tmp_path_factory.mktemp("pretrain-cache")
+
+
+def test_select_classes_relabels_in_the_given_order():
+    images = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4, 1)
+    s = ImageSet(images, np.array([0, 1, 2, 0, 1, 2]), ("a", "b", "c"))
+    sub = select_classes(s, ["c", 0])
+    assert sub.class_names == ("c", "a")
+    assert sub.labels.tolist() == [1, 0, 1, 0]
+    assert np.array_equal(sub.images, images[[0, 2, 3, 5]])
+    with pytest.raises(ConfigError, match="twice"):
+        select_classes(s, ["a", 0])
+    with pytest.raises(ConfigError, match="no class 'zebra'"):
+        select_classes(s, ["a", "zebra"])
+
+
+def test_config_resolves_the_source_task_and_keeps_old_cache_keys():
+    cfg = load_config(None, ["data.classes=[5, 6]", 'model.pretrained={classes=[0, 1]}', 'train.finetune="last"'])
+    assert cfg.model.pretrained.dataset == "digits"  # the experiment's dataset unless named
+    assert cfg.model.pretrained.train.epochs == 12  # the default recipe, cifar-fast
+    # options added for transfer learning stay out of dumps at their defaults: existing cache keys are unchanged
+    plain = load_config(None)
+    assert "pretrained" not in plain.model.model_dump() and "classes" not in plain.data.model_dump()
+    assert "finetune" not in plain.train.model_dump()
+    with pytest.raises(ConfigError, match="whole network"):
+        load_config(None, ['model.pretrained={train={finetune="last"}}'])
+    with pytest.raises(ConfigError, match="finetune"):
+        load_config(None, ['train.finetune="first"'])
+
+
+def test_pretrained_model_is_cached_under_its_inputs(cache):
+    cfg = _cfg(cache)
+    logs: list[str] = []
+    first = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device="cpu", progress=False, log=logs.append)
+    assert first.head.out_features == 5 and first.source_task["source_test_accuracy"] > 0.5
+    again = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device="cpu", progress=False, log=logs.append)
+    assert "loaded from cache" in logs[-1]
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(first.normalize.mean, again.normalize.mean)
+    other = _cfg(cache, 'model.pretrained={classes=[0, 1, 2], train={preset="digits", epochs=8}}')
+    assert pretrain_key(other.model) != pretrain_key(cfg.model)
+    with pytest.raises(ConfigError, match="no pretrained"):
+        pretrain_key(ModelConfig())
+
+
+def test_victim_keeps_the_extractor_and_fine_tuning_the_last_layer_trains_only_the_head(cache):
+    cfg = _cfg(cache)
+    extractor = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device="cpu", progress=False,
+                                 log=lambda _: None)
+    victim = victim_from_pretrained(extractor, (1, 8, 8), 3, seed=0)
+    assert victim.head.out_features == 3
+    assert torch.equal(victim.normalize.std, extractor.normalize.std)
+    before = {k: v.clone() for k, v in victim.state_dict().items()}
+    digits = load_dataset("digits").train
+    task = select_classes(digits, [5, 6, 7])
+    train(victim, task.images, task.labels, TrainConfig(epochs=2, batch_size=64, lr=0.05, finetune="last"),
+          progress=False)
+    after = victim.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("head."))
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert all(torch.equal(a, b) for a, b in zip(extractor.state_dict().values(),
+                                                  pretrained_model(cfg.model, cache_dir=cfg.cache_path(),
+                                                                   progress=False, log=lambda _: None)
+                                                  .state_dict().values()))  # the cached extractor is untouched
+    with pytest.raises(ConfigError, match="takes"):
+        victim_from_pretrained(extractor, (3, 8, 8), 3, seed=0)
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with pytest.raises(ConfigError, match="head"):
+        train(plain, task.images, task.labels, TrainConfig(epochs=1, finetune="last"), progress=False)
+
+
+def test_finetune_last_keeps_batch_norm_statistics_frozen():
+    torch.manual_seed(0)
+    model = build_model("resnet20", (3, 8, 8), 2, width=4)
+    bn = model.backbone.stem_bn
+    stats = bn.running_mean.clone()
+    images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
+    train(model, images, np.arange(32) % 2, TrainConfig(epochs=1, batch_size=16, finetune="last"), progress=False)
+    assert torch.equal(bn.running_mean, stats)
+
+
+def test_experiment_with_a_pretrained_victim(tmp_path, monkeypatch):
+    """The whole pipeline: source-task pretraining (cached), a victim fine-tuning its last layer on other classes."""
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))  # a fresh cache: this run pretrains
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--quiet", "--set", "examples=0", "--set", "model.options={width=16}",
+            "--set", PRETRAIN, "--set", "data.classes=[5, 6, 7, 8, 9]", "--set", VICTIM,
+            "--set", "attack.budget=40", "--set", "attack.target=0"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "pretrain" in m["seconds"]
+    assert m["clean_model"]["clean_accuracy"] > 0.4  # transferred features are useful on new classes (chance: 0.2)
+    assert "pretrained extractor: training" in (out / "log.txt").read_text()
+    assert main(args[:2] + [str(tmp_path / "run2")] + args[3:]) == 0
+    assert "pretrained extractor: loaded from cache" in (tmp_path / "run2" / "log.txt").read_text()
