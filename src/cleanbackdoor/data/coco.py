@@ -18,7 +18,8 @@ from typing import Any
 
 from cleanbackdoor.data.folder import decode_images
 from cleanbackdoor.data.imageset import ImageSet, Splits
-from cleanbackdoor.data.multilabel_common import check_size, label_matrix, locate
+from cleanbackdoor.data.folder import check_size
+from cleanbackdoor.data.multilabel_common import label_matrix, locate
 from cleanbackdoor.errors import DataError
 
 # The 80 COCO categories in id order (also the class order of YOLO-format COCO labels, e.g. coco128).

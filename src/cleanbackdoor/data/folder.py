@@ -48,9 +48,8 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _check_options(channels: int | None, size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if channels not in (None, 1, 3):
-        raise ConfigError(f"channels must be 1, 3 or None (decide from the first image), got {channels!r}")
+def check_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``size`` as (H, W), or None (every image must then have the first one's size)."""
     if size is None:
         return None
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
@@ -62,6 +61,12 @@ def _check_options(channels: int | None, size: int | Sequence[int] | None) -> tu
     if h < 1 or w < 1:
         raise ConfigError(f"size must be positive (height, width), got {size!r}")
     return h, w
+
+
+def _check_options(channels: int | None, size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"channels must be 1, 3 or None (decide from the first image), got {channels!r}")
+    return check_size(size)
 
 
 # -- scanning ---------------------------------------------------------------------------------------------------

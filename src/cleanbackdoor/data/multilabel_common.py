@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cleanbackdoor.data.archive import extract_archive, is_archive
-from cleanbackdoor.errors import ConfigError, DataError
+from cleanbackdoor.errors import DataError
 
 
 def locate(root: str | Path, found: Callable[[Path], bool], what: str, depth: int = 2) -> Path:
@@ -39,21 +39,6 @@ def label_matrix(rows: Sequence[Iterable[int]], num_classes: int) -> np.ndarray:
     for i, cats in enumerate(rows):
         out[i, list(cats)] = 1
     return out
-
-
-def check_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    """``size`` as (H, W), or None (every image must then have the first one's size)."""
-    if size is None:
-        return None
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (int(size), int(size))
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ConfigError(f"size must be (height, width) in pixels, got {size!r}") from None
-    if h < 1 or w < 1:
-        raise ConfigError(f"size must be positive (height, width), got {size!r}")
-    return h, w
 
 
 def safe_xml(data: bytes, name: str) -> bytes:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from cleanbackdoor.data.folder import decode_images
 from cleanbackdoor.data.imageset import ImageSet, Splits
-from cleanbackdoor.data.multilabel_common import check_size, label_matrix, locate, safe_xml
+from cleanbackdoor.data.folder import check_size
+from cleanbackdoor.data.multilabel_common import label_matrix, locate, safe_xml
 from cleanbackdoor.errors import DataError
 
 VOC_CLASSES: tuple[str, ...] = (

@@ -18,7 +18,8 @@ import numpy as np
 from cleanbackdoor.data.coco import COCO_CLASSES
 from cleanbackdoor.data.folder import IMAGE_SUFFIXES, decode_images, natural_key
 from cleanbackdoor.data.imageset import ImageSet, Splits
-from cleanbackdoor.data.multilabel_common import check_size, label_matrix, locate
+from cleanbackdoor.data.folder import check_size
+from cleanbackdoor.data.multilabel_common import label_matrix, locate
 from cleanbackdoor.errors import ConfigError, DataError
 
 
