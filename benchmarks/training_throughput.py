@@ -81,7 +81,8 @@ def main() -> None:
         ours_t.append(time.perf_counter() - t0)
     bare_ips = args.images / statistics.median(bare_t)
     ours_ips = args.images / statistics.median(ours_t)
-    print(f"model {args.model}, batch {args.batch}, {args.images} images, device {dev}, {torch.get_num_threads()} threads")
+    print(f"model {args.model}, batch {args.batch}, {args.images} images, device {dev}, "
+          f"{torch.get_num_threads()} threads")
     print(f"bare PyTorch loop : {bare_ips:9.1f} images/s")
     print(f"cleanbackdoor loop: {ours_ips:9.1f} images/s  (includes moving the data to the device)")
     print(f"ratio (ours / bare): {ours_ips / bare_ips:.3f}")

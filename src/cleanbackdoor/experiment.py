@@ -165,7 +165,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)))
     timer = Timer()
     device = resolve_device(cfg.device)
-    log(f"cleanbackdoor: {cfg.attack_name} on {cfg.data.name}, victim {cfg.model.name}, device {device}, seed {cfg.seed}")
+    log(f"cleanbackdoor: {cfg.attack_name} on {cfg.data.name}, victim {cfg.model.name}, device {device}, "
+        f"seed {cfg.seed}")
 
     with timer.stage("data"):
         splits = load_data(cfg)

@@ -13,8 +13,8 @@ The cached file holds plain tensors and numbers (``torch.load(..., weights_only=
 task's class names, the normalization statistics of the source data (the extractor was trained with them, so a
 victim built on it keeps them), and the source-task test accuracy.
 
-- :func:`~cleanbackdoor.data.subset.select_classes` (re-exported here): an image set restricted to some classes, relabelled 0..k-1 (the victim's task, the
-  source task);
+- :func:`~cleanbackdoor.data.subset.select_classes` (re-exported here): an image set restricted to some classes,
+  relabelled 0..k-1 (the victim's task, the source task);
 - :func:`pretrained_model`: the source-task classifier (extractor + source head), from the cache or trained;
 - :func:`victim_from_pretrained`: a victim for a new task: the pretrained extractor and a fresh, seeded head.
 """

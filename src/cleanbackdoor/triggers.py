@@ -88,10 +88,12 @@ class PatchTrigger(Trigger):
         if self.size is None:
             self.size = _scaled(3, min(h, w), 2)
         if not 1 <= self.size <= min(h, w) - 2 * self.margin:
-            raise ConfigError(f"patch size must be in [1, {min(h, w) - 2 * self.margin}] for {h}x{w} images, got {self.size}")
+            raise ConfigError(f"patch size must be in [1, {min(h, w) - 2 * self.margin}] for {h}x{w} images, "
+                              f"got {self.size}")
         if isinstance(self.position, str):
             if self.position not in _CORNERS:
-                raise ConfigError(f"patch position must be (row, col) or one of {sorted(_CORNERS)}, got {self.position!r}")
+                raise ConfigError(f"patch position must be (row, col) or one of {sorted(_CORNERS)}, "
+                                  f"got {self.position!r}")
         else:
             r, c = self.position = tuple(int(v) for v in self.position)
             if not (0 <= r <= h - self.size and 0 <= c <= w - self.size):
@@ -149,7 +151,8 @@ class SinusoidalTrigger(Trigger):
 
     def _check_params(self) -> None:
         if not 0 < self.amplitude <= 255 or self.periods <= 0:
-            raise ConfigError(f"sinusoidal trigger needs 0 < amplitude <= 255 and periods > 0, got {self.amplitude}, {self.periods}")
+            raise ConfigError("sinusoidal trigger needs 0 < amplitude <= 255 and periods > 0, "
+                              f"got {self.amplitude}, {self.periods}")
 
     def _apply(self, x: np.ndarray) -> np.ndarray:
         w = self.image_shape[2]
@@ -230,7 +233,8 @@ def build_trigger(name: str, image_shape: tuple[int, int, int], seed: int = 0, *
     allowed = {f.name for f in dataclasses.fields(cls)} - {"image_shape", "seed"}
     extra = set(params) - allowed
     if extra:
-        raise ConfigError(f"trigger {name!r} has no parameter {sorted(extra)[0]!r}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+        raise ConfigError(f"trigger {name!r} has no parameter {sorted(extra)[0]!r}; "
+                          f"allowed: {', '.join(sorted(allowed)) or 'none'}")
     if isinstance(params.get("position"), list):
         params["position"] = tuple(params["position"])
     return cls(image_shape=tuple(image_shape), seed=seed, **params)

@@ -31,5 +31,6 @@ class BadNets(Attack):
         labels[chosen] = target
         mask = np.zeros(len(train), dtype=bool)
         mask[chosen] = True
-        return Poisoning(self.name, labels, mask, trigger, target, sources, len(chosen), chosen, trigger(train.images[chosen]),
+        return Poisoning(self.name, labels, mask, trigger, target, sources, len(chosen), chosen,
+                         trigger(train.images[chosen]),
                          metadata={"seed": seed})

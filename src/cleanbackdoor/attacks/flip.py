@@ -351,7 +351,8 @@ def combine_runs(runs: list[torch.Tensor], labels: np.ndarray) -> tuple[np.ndarr
     return scores, torch.stack([torch.as_tensor(r) for r in runs]).mean(0).numpy()
 
 
-def select_flips(scores: np.ndarray, logits: np.ndarray, labels: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+def select_flips(scores: np.ndarray, logits: np.ndarray, labels: np.ndarray,
+                 budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Flip the ``budget`` highest-scored images to argmax_{c != y} L_c; the rest keep their label.
     Ties are broken by the lower index, so the selection is deterministic."""
     order = np.lexsort((np.arange(len(scores)), -scores))[:budget]

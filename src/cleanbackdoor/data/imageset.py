@@ -41,10 +41,12 @@ class ImageSet:
                 raise DataError(f"{self.name or 'image set'}: single-label labels must be integers, got {labels.dtype}")
             labels = labels.astype(np.int64, copy=False)
             if labels.size and (labels.min() < 0 or labels.max() >= k):
-                raise DataError(f"{self.name or 'image set'}: labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]")
+                raise DataError(f"{self.name or 'image set'}: labels must lie in [0, {k}), "
+                                f"got [{labels.min()}, {labels.max()}]")
         elif labels.ndim == 2:
             if labels.shape[1] != k:
-                raise DataError(f"{self.name or 'image set'}: label matrix has {labels.shape[1]} columns for {k} classes")
+                raise DataError(f"{self.name or 'image set'}: label matrix has {labels.shape[1]} columns "
+                                f"for {k} classes")
             if labels.size and not np.isin(labels, (0, 1)).all():
                 raise DataError(f"{self.name or 'image set'}: multi-label matrix must hold only 0 and 1")
             labels = labels.astype(np.uint8, copy=False)
@@ -112,4 +114,5 @@ class Splits:
         if self.train.class_names != self.test.class_names:
             raise DataError("train and test sets name different classes")
         if self.train.image_shape != self.test.image_shape:
-            raise DataError(f"train images {self.train.image_shape} and test images {self.test.image_shape} differ in shape")
+            raise DataError(f"train images {self.train.image_shape} and test images {self.test.image_shape} "
+                            "differ in shape")

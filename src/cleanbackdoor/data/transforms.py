@@ -75,7 +75,8 @@ class Augment:
             dy, dx = shifts[0], shifts[1]
         else:
             dy = dx = torch.zeros(n, dtype=torch.int64, device=dev)
-        flip = (torch.rand(n, generator=generator, device=dev) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool, device=dev)
+        flip = ((torch.rand(n, generator=generator, device=dev) < 0.5) if self.hflip
+                else torch.zeros(n, dtype=torch.bool, device=dev))
         return AugmentDraw(dy, dx, flip)
 
     def apply(self, x: torch.Tensor, draw: AugmentDraw) -> torch.Tensor:
