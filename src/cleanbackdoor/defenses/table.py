@@ -165,7 +165,7 @@ def _row_label(m: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], command: str) -> str:
-    head = ("| attack (training labels changed) | victim ASR / CTA (mAP) | clean model ASR | " + " | ".join(columns)
+    head = ("| attack (training examples changed) | victim ASR / CTA (mAP) | clean model ASR | " + " | ".join(columns)
             + " |")
     rule = "|" + "---|" * (3 + len(columns))
     det, aft = [head, rule], [head, rule]
