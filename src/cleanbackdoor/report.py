@@ -16,7 +16,8 @@ from cleanbackdoor.data.imageset import ImageSet  # noqa: E402
 from cleanbackdoor.training import predict  # noqa: E402
 
 
-def _pct(v: Any) -> str:
+def percent(v: Any) -> str:
+    """A fraction as a percentage with one decimal; "-" for a missing or NaN figure."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
     return f"{100 * v:.1f}%"
@@ -36,13 +37,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     cols = [(k, t) for k, t in TABLE_COLUMNS if any(k in r for _, r in rows)]
     lines = [f"{'':16}" + "".join(f"{t:>9}" for _, t in cols)]
     for name, r in rows:
-        lines.append(f"{name:16}" + "".join(f"{_pct(r.get(k)):>9}" for k, _ in cols))
+        lines.append(f"{name:16}" + "".join(f"{percent(r.get(k)):>9}" for k, _ in cols))
     lines.append(f"{metrics['attack']} on {metrics['dataset']}: {metrics['poisoned_examples']} of "
-                 f"{metrics['train_size']} training examples changed ({_pct(metrics['poisoned_fraction'])})")
+                 f"{metrics['train_size']} training examples changed ({percent(metrics['poisoned_fraction'])})")
     if metrics.get("backdoor"):  # multi-label: the trigger combination and the goal
         b = metrics["backdoor"]
         goal = (f", remove {b['remove']}" if b.get("remove") else "") + (f", add {b['add']}" if b.get("add") else "")
-        lines.append(f"trigger {{{', '.join(b['trigger'])}}} ({_pct(b['support'])} of training images), "
+        lines.append(f"trigger {{{', '.join(b['trigger'])}}} ({percent(b['support'])} of training images), "
                      f"goal {b['goal']}{goal}")
     if metrics.get("defenses"):
         lines.append(defenses_table(metrics["defenses"]))
@@ -62,10 +63,10 @@ def defenses_table(defenses: dict[str, Any]) -> str:
         after = d.get("after_removal") or d.get("after_rejection") or {}
         auc = "-" if m["roc_auc"] != m["roc_auc"] else f"{m['roc_auc']:.3f}"
         quality = after.get("clean_accuracy", after.get("mean_average_precision"))  # mAP for label sets
-        line = (f"{key:24}{m['flagged']:>9}{_pct(m['precision']):>8}{_pct(m['recall']):>8}{auc:>7}"
-                f"{_pct(quality):>11}{_pct(after.get('attack_success_rate')):>11}")
+        line = (f"{key:24}{m['flagged']:>9}{percent(m['precision']):>8}{percent(m['recall']):>8}{auc:>7}"
+                f"{percent(quality):>11}{percent(after.get('attack_success_rate')):>11}")
         if d.get("kind") == "inference":
-            line += f"  (test inputs; FRR {_pct(d.get('false_rejection_rate'))})"
+            line += f"  (test inputs; FRR {percent(d.get('false_rejection_rate'))})"
         lines.append(line)
     return "\n".join(lines)
 
@@ -73,7 +74,7 @@ def defenses_table(defenses: dict[str, Any]) -> str:
 def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[tuple[str, str]]) -> str:
     """A fixed-width table of dict rows; ``keys`` are (key, title); floats shown as percentages."""
     def cell(v: Any) -> str:
-        return _pct(v) if isinstance(v, float) else str(v)
+        return percent(v) if isinstance(v, float) else str(v)
 
     widths = [max([len(t)] + [len(cell(r.get(k))) for r in rows]) for k, t in keys]
     out = ["  ".join(f"{t:>{w}}" for (_, t), w in zip(keys, widths))]

@@ -30,6 +30,7 @@ import torch
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config, stable_key
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.experiment import to_json_value
+from cleanbackdoor.report import percent
 
 VOLATILE = ("out", "progress", "device", "examples", "cache_dir")
 
@@ -125,12 +126,6 @@ def row_metrics(cfg: ExperimentConfig, name: str, out: Path, *, log: Callable[[s
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
-def _pct(v: Any) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "-"
-    return f"{100 * v:.1f}%"
-
-
 def _auc(v: Any) -> str:
     return "-" if v is None or np.isnan(v) else f"{v:.2f}"
 
@@ -141,9 +136,9 @@ def detection_cell(d: dict[str, Any] | None) -> str:
     if d.get("skipped"):
         return f"skipped ({d['skipped']})"
     m = d["detection"]
-    cell = f"R {_pct(m['recall'])} / P {_pct(m['precision'])} / AUC {_auc(m['roc_auc'])}"
+    cell = f"R {percent(m['recall'])} / P {percent(m['precision'])} / AUC {_auc(m['roc_auc'])}"
     if d.get("kind") == "inference":
-        cell += f" (FRR {_pct(d.get('false_rejection_rate'))})"
+        cell += f" (FRR {percent(d.get('false_rejection_rate'))})"
     else:
         cell += f" ({m['flagged']} flagged)"
     return cell
@@ -156,12 +151,12 @@ def after_cell(d: dict[str, Any] | None) -> str:
     if not after:
         return "not retrained"
     if "clean_accuracy" not in after and "mean_average_precision" in after:  # multi-label
-        return f"ASR {_pct(after.get('attack_success_rate'))} / mAP {_pct(after['mean_average_precision'])}"
-    return f"ASR {_pct(after.get('attack_success_rate'))} / CTA {_pct(after.get('clean_accuracy'))}"
+        return f"ASR {percent(after.get('attack_success_rate'))} / mAP {percent(after['mean_average_precision'])}"
+    return f"ASR {percent(after.get('attack_success_rate'))} / CTA {percent(after.get('clean_accuracy'))}"
 
 
 def _row_label(m: dict[str, Any]) -> str:
-    return f"{m['attack']} ({m['poisoned_examples']} changed, {_pct(m['poisoned_fraction'])})"
+    return f"{m['attack']} ({m['poisoned_examples']} changed, {percent(m['poisoned_fraction'])})"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], command: str) -> str:
@@ -172,10 +167,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], comma
     for r in rows:
         m = r["metrics"]
         clean = m.get("clean_model") or {}
-        quality = (f"CTA {_pct(m.get('clean_accuracy'))}" if "clean_accuracy" in m
-                   else f"mAP {_pct(m.get('mean_average_precision'))}")
-        lead = (f"| {_row_label(m)} | ASR {_pct(m.get('attack_success_rate'))} / {quality}"
-                f" | {_pct(clean.get('attack_success_rate'))} | ")
+        quality = (f"CTA {percent(m.get('clean_accuracy'))}" if "clean_accuracy" in m
+                   else f"mAP {percent(m.get('mean_average_precision'))}")
+        lead = (f"| {_row_label(m)} | ASR {percent(m.get('attack_success_rate'))} / {quality}"
+                f" | {percent(clean.get('attack_success_rate'))} | ")
         d = m.get("defenses", {})
         det.append(lead + " | ".join(detection_cell(d.get(c)) for c in columns) + " |")
         aft.append(lead + " | ".join(after_cell(d.get(c)) for c in columns) + " |")
