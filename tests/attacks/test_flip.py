@@ -164,7 +164,9 @@ def _ctx(tmp_path=None):
 
 def test_flip_contract_budget_and_determinism(tmp_path):
     train = _tiny()
-    p = build_attack("flip", {**FAST, "budget": 7}).poison(train, seed=0, context=_ctx(tmp_path))
+    attack = build_attack("flip", {**FAST, "budget": 7})
+    p = attack.poison(train, seed=0, context=_ctx(tmp_path))
+    assert len(attack.last_runs) == 1 and attack.last_runs[0].shape == (len(train), 3)  # kept for diagnostics
     assert p.labels.shape == (len(train),) and p.mask.sum() == 7 == p.budget
     assert (p.labels[p.mask] != train.labels[p.mask]).all()
     assert np.array_equal(p.labels[~p.mask], train.labels[~p.mask])

@@ -505,4 +505,5 @@ class Flip(Attack):
                 "flipped_from": np.bincount(train.labels[mask], minlength=train.num_classes).tolist(),
                 "flipped_to": np.bincount(new_hard[mask], minlength=train.num_classes).tolist()}
         self.last_scores, self.last_logits = scores, mean_logits  # for inspection and plots
+        self.last_runs = [r.numpy() for r in runs]  # each label run's logits (benchmarks/flip_signal.py)
         return Poisoning(self.name, labels, mask, trigger, target, sources, budget, metadata=meta)

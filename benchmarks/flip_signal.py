@@ -1,0 +1,95 @@
+"""How much of the trigger does FLIP's label optimization find? A diagnostic for small-scale FLIP runs.
+
+FLIP's flips are only as good as the ordering of its margin scores. At small scale that ordering can be mostly
+noise; this script measures it, in one run, on the source-class training images:
+- run-to-run: the mean Spearman correlation of the label margin (L_target - L_source) between independent label
+  runs (1 = every run orders the images alike, 0 = each run is a fresh draw);
+- trigger: the Spearman correlation of the margin averaged over the runs with the images' projection on the
+  trigger direction (the mean of trigger(x) - x over the source images), the feature a label-only backdoor
+  must teach;
+- victims at each budget, trained with the config's recipe: FLIP's flips (the paper's min-over-runs score),
+  the same number of random source images flipped, and the source images of largest trigger projection flipped
+  (an inner-product baseline: the attacker knows its trigger, so this is a label-only attack too; the authors'
+  repository ships precomputed labels of a baseline of that name). It shows what a label-only backdoor can reach
+  at this scale without trajectory matching.
+
+    PYTHONPATH=src python benchmarks/flip_signal.py [configs/flip-digits.toml] [--runs 10] [--budgets 20,40]
+        [--set attack.label_passes=20 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from cleanbackdoor.attacks import build_attack
+from cleanbackdoor.attacks.base import AttackContext
+from cleanbackdoor.attacks.flip import select_flips
+from cleanbackdoor.config import load_config
+from cleanbackdoor.experiment import load_data, train_model
+from cleanbackdoor.training import predict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="?", default="configs/flip-digits.toml")
+    ap.add_argument("--runs", type=int, default=10, help="label-optimization runs (at least 2)")
+    ap.add_argument("--budgets", default="20,40")
+    ap.add_argument("--root", default=None)
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--fresh", action="store_true", help="do not reuse cached experts and labels")
+    args = ap.parse_args()
+    overrides = [*args.overrides, "progress=false", f"attack.label_runs={args.runs}"]
+    if args.root:
+        overrides.append(f"data.root={args.root!r}")
+    cfg = load_config(args.config, overrides)
+    if cfg.attack_name != "flip" or args.runs < 2:
+        raise SystemExit("needs a FLIP config and --runs >= 2")
+    splits = load_data(cfg)
+    train, test = splits.train, splits.test
+    attack = build_attack("flip", {k: v for k, v in cfg.attack.items() if k != "name"})
+    cache = tempfile.mkdtemp() if args.fresh else cfg.cache_path()
+    ctx = AttackContext(cache_dir=cache, device=cfg.device, progress=False, log=lambda _: None,
+                        model=cfg.model, train=cfg.train)
+    poisoning = attack.poison(train, seed=cfg.seed, context=ctx)
+    target, trigger = poisoning.target, poisoning.activation
+    sources = list(poisoning.sources) if poisoning.sources else None
+    src = np.flatnonzero(np.isin(train.labels, sources) if sources else train.labels != target)
+
+    flat = train.images[src].reshape(len(src), -1).astype(np.float64)
+    direction = (trigger(train.images[src]).reshape(len(src), -1).astype(np.float64) - flat).mean(0)
+    projection = flat @ direction
+    margins = [run[src, target] - run[src, train.labels[src]] for run in attack.last_runs]
+    pairs = [spearmanr(margins[i], margins[j]).statistic
+             for i in range(len(margins)) for j in range(i + 1, len(margins))]
+    trigger_rho = spearmanr(np.mean(margins, 0), projection).statistic
+    single_rho = float(np.mean([spearmanr(m, projection).statistic for m in margins]))
+    print(f"{cfg.data.name}: {len(src)} source images, {args.runs} label runs")
+    print(f"run-to-run margin correlation (mean over pairs): {np.mean(pairs):.2f}")
+    print(f"margin vs trigger projection: {single_rho:.2f} for one run, {trigger_rho:.2f} for the mean of {args.runs}")
+
+    eligible = np.isin(test.labels, sources) if sources else test.labels != target
+    triggered = trigger(test.images[eligible])
+    rng = np.random.default_rng(cfg.seed)
+
+    def victim(labels: np.ndarray) -> str:
+        model = train_model(cfg, train, train.images, labels, desc="victim")
+        cta = 100 * (predict(model, test.images) == test.labels).mean()
+        asr = 100 * (predict(model, triggered) == target).mean()
+        return f"{cta:5.1f} / {asr:5.1f}"
+
+    print(f"{'budget':>6} | {'FLIP CTA / ASR':>15} | {'random':>13} | {'inner product':>13}")
+    for budget in (int(b) for b in args.budgets.split(",")):
+        flip_labels, _ = select_flips(attack.last_scores, attack.last_logits, train.labels, budget)
+        rand = train.labels.copy()
+        rand[rng.choice(src, budget, replace=False)] = target
+        inner = train.labels.copy()
+        inner[src[np.argsort(-projection, kind="stable")[:budget]]] = target
+        print(f"{budget:>6} | {victim(flip_labels):>15} | {victim(rand):>13} | {victim(inner):>13}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
