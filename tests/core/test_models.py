@@ -39,3 +39,14 @@ def test_unknown_model_and_bad_option():
         from cleanbackdoor.models.resnet import CifarResNet
 
         CifarResNet(3, (32, 32), depth=21)
+
+
+def test_convnet_hidden_layer_feeds_the_head():
+    m = build_model("convnet", (3, 32, 32), 10, width=8, hidden=24)
+    x = torch.rand(5, 3, 32, 32)
+    assert m.features(x).shape == (5, 24)
+    assert m.head.in_features == 24 and m(x).shape == (5, 10)
+    assert (m.features(x) >= 0).all()  # the hidden layer ends with the activation (relu)
+    assert build_model("convnet", (3, 32, 32), 10, width=8).head.in_features == 8 * 4 * 4
+    with pytest.raises(ConfigError, match="hidden must be >= 0"):
+        build_model("convnet", (3, 32, 32), 10, hidden=-1)

@@ -3,6 +3,11 @@
 Blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per channel, affine) ->
 activation -> 2x2 average pooling; ``depth`` blocks (3 by default, fewer when the image is too small to pool
 three times). It has no running statistics, which keeps functional training steps (FLIP) exact.
+
+``hidden`` > 0 adds a fully connected layer of that many units (and the activation) after the flattened feature
+map, so the features the linear head reads are a non-linear function of every position. A multi-label victim needs
+it to combine objects seen in different places (a category-combination trigger is a conjunction), which is what the
+attention decoder heads of the multi-label literature (ML-Decoder) provide.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import math
 import torch
 from torch import nn
 
+from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models.common import activation
 
 
 class ConvNet(nn.Module):
     def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 128, depth: int = 3,
-                 act: str = "relu", norm: str = "instance") -> None:
+                 act: str = "relu", norm: str = "instance", hidden: int = 0) -> None:
         super().__init__()
         h, w = image_size
         depth = max(1, min(depth, int(math.log2(min(h, w)))))
@@ -32,8 +38,14 @@ class ConvNet(nn.Module):
             layers.append(activation(act))
             layers.append(nn.AvgPool2d(2))
             c, h, w = width, h // 2, w // 2
-        self.body = nn.Sequential(*layers, nn.Flatten())
+        layers.append(nn.Flatten())
         self.feature_dim = width * h * w
+        if hidden < 0:
+            raise ConfigError(f"model 'convnet': hidden must be >= 0 (0: no hidden layer), got {hidden}")
+        if hidden:
+            layers += [nn.Linear(self.feature_dim, hidden), activation(act)]
+            self.feature_dim = hidden
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
