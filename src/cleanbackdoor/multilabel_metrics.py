@@ -38,6 +38,7 @@ from cleanbackdoor.training import predict_logits
 Goal = Literal["disappearing", "appearing", "misclassification"]
 GOALS: tuple[str, ...] = ("disappearing", "appearing", "misclassification")
 DEFAULT_THRESHOLD = 0.75
+ASR_THRESHOLDS = (0.5, 0.75, 0.9)  # the goal's ASR is also reported at these
 
 
 # -- ranking figures ----------------------------------------------------------------------------------------
@@ -175,6 +176,10 @@ def backdoor_report(scores: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) 
         "trigger_test_images": int(has_trigger.sum()),
         "threshold": spec.threshold,
         "top_k": spec.top_k,
+        # the goal's ASR is a thresholded figure: where the scores sit shows at a glance (docs/results.md)
+        "attack_success_rate_by_threshold": {
+            f"{t:g}": attack_success_rate(predict_labels(scores, t, spec.top_k), labels, spec)
+            for t in sorted({*ASR_THRESHOLDS, spec.threshold})},
     }
     if spec.remove is not None:  # the two halves of misclassification, and disappearing on its own
         out["removed_not_predicted_rate"] = (float((pred[eligible, spec.remove] == 0).mean())

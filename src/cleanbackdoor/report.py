@@ -45,6 +45,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         goal = (f", remove {b['remove']}" if b.get("remove") else "") + (f", add {b['add']}" if b.get("add") else "")
         lines.append(f"trigger {{{', '.join(b['trigger'])}}} ({percent(b['support'])} of training images), "
                      f"goal {b['goal']}{goal}")
+        by = metrics.get("attack_success_rate_by_threshold")
+        if by:  # the ASR is thresholded: the same goal read at other score thresholds
+            clean_by = (metrics.get("clean_model") or {}).get("attack_success_rate_by_threshold") or {}
+            line = f"ASR at score threshold {' / '.join(by)}: {' / '.join(percent(v) for v in by.values())}"
+            if clean_by:
+                line += f" (clean model {' / '.join(percent(clean_by.get(t)) for t in by)})"
+            lines.append(line)
     if metrics.get("defenses"):
         lines.append(defenses_table(metrics["defenses"]))
     return "\n".join(lines)

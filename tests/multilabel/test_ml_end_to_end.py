@@ -62,6 +62,9 @@ def test_disappearing_and_appearing_backdoors_work(run):
     assert p.labels.shape == (2500, 10) and p.mask.sum() == m["poisoned_examples"]
     log = (out / "log.txt").read_text()
     assert "admissible triggers" in log and "mAP" in log and "ASR" in log
+    by = m["attack_success_rate_by_threshold"]
+    assert list(by) == ["0.5", "0.75", "0.9"] and by["0.75"] == m["attack_success_rate"]
+    assert "ASR at score threshold 0.5 / 0.75 / 0.9" in log
 
     m2, out2 = run("appearing")  # same data, model and recipe: the clean model comes from the cache
     assert "loaded from cache" in (out2 / "log.txt").read_text()

@@ -84,3 +84,12 @@ def test_report_fields():
     assert r["removed_predicted_without_trigger"] == 1.0  # image 3 has class 0 and no trigger: predicted
     assert r["added_predicted_without_trigger"] == 1.0
     assert len(r["average_precision_per_class"]) == 4 and r["threshold"] == 0.75
+
+
+def test_asr_by_threshold_reads_the_scores_at_each_threshold():
+    labels = np.array([[1, 1, 0, 0]] * 3 + [[0, 0, 0, 0]])
+    scores = np.array([[0.9, 0.9, 0.1, 0.6], [0.9, 0.9, 0.1, 0.8], [0.9, 0.9, 0.1, 0.95], [0.1, 0.1, 0.1, 0.1]])
+    r = backdoor_report(scores, labels, BackdoorSpec((0, 1), "appearing", add=3, threshold=0.7))
+    assert r["attack_success_rate_by_threshold"] == pytest.approx({"0.5": 1.0, "0.7": 2 / 3, "0.75": 2 / 3,
+                                                                   "0.9": 1 / 3})
+    assert r["attack_success_rate"] == r["attack_success_rate_by_threshold"]["0.7"]
