@@ -5,9 +5,10 @@ activation -> 2x2 average pooling; ``depth`` blocks (3 by default, fewer when th
 three times). It has no running statistics, which keeps functional training steps (FLIP) exact.
 
 ``hidden`` > 0 adds a fully connected layer of that many units (and the activation) after the flattened feature
-map, so the features the linear head reads are a non-linear function of every position. A multi-label victim needs
-it to combine objects seen in different places (a category-combination trigger is a conjunction), which is what the
-attention decoder heads of the multi-label literature (ML-Decoder) provide.
+map, so the features the linear head reads are a non-linear function of every position: a multi-label victim can
+then combine objects seen in different places (a category-combination trigger is a conjunction), as the attention
+decoder heads of the multi-label literature (ML-Decoder) can. On the CIFAR-10 mosaics it raises the clean mAP but
+not the backdoor's ASR (docs/results.md).
 """
 
 from __future__ import annotations
