@@ -8,9 +8,10 @@ noise; this script measures it, in one run, on the source-class training images:
   trigger direction (the mean of trigger(x) - x over the source images), the feature a label-only backdoor
   must teach;
 - victims at each budget, trained with the config's recipe: FLIP's flips (the paper's min-over-runs score),
-  the same number of random source images flipped, and the source images of largest trigger projection flipped
-  (an inner-product baseline: the attacker knows its trigger, so this is a label-only attack too; the authors'
-  repository ships precomputed labels of a baseline of that name). It shows what a label-only backdoor can reach
+  the same number of random source images flipped (the `random_flip` attack, as in `cleanbackdoor sweep`), and
+  the source images of largest trigger projection flipped (an inner-product baseline: the attacker knows its
+  trigger, so this is a label-only attack too; the authors' repository ships precomputed labels of a baseline of
+  that name). It shows what a label-only backdoor can reach
   at this scale without trajectory matching.
 
     PYTHONPATH=src python benchmarks/flip_signal.py [configs/flip-digits.toml] [--runs 10] [--budgets 20,40]
@@ -30,6 +31,7 @@ from cleanbackdoor.attacks.base import AttackContext
 from cleanbackdoor.attacks.flip import select_flips
 from cleanbackdoor.config import load_config
 from cleanbackdoor.experiment import load_data, train_model
+from cleanbackdoor.metrics import accuracy, asr_eligible, attack_success_rate
 from cleanbackdoor.training import predict
 
 
@@ -56,8 +58,7 @@ def main() -> None:
                         model=cfg.model, train=cfg.train)
     poisoning = attack.poison(train, seed=cfg.seed, context=ctx)
     target, trigger = poisoning.target, poisoning.activation
-    sources = list(poisoning.sources) if poisoning.sources else None
-    src = np.flatnonzero(np.isin(train.labels, sources) if sources else train.labels != target)
+    src = np.flatnonzero(asr_eligible(train.labels, target, poisoning.sources))
 
     flat = train.images[src].reshape(len(src), -1).astype(np.float64)
     direction = (trigger(train.images[src]).reshape(len(src), -1).astype(np.float64) - flat).mean(0)
@@ -71,21 +72,21 @@ def main() -> None:
     print(f"run-to-run margin correlation (mean over pairs): {np.mean(pairs):.2f}")
     print(f"margin vs trigger projection: {single_rho:.2f} for one run, {trigger_rho:.2f} for the mean of {args.runs}")
 
-    eligible = np.isin(test.labels, sources) if sources else test.labels != target
-    triggered = trigger(test.images[eligible])
-    rng = np.random.default_rng(cfg.seed)
+    triggered = trigger(test.images[attack.asr_mask(test, poisoning)])
+    sources = list(poisoning.sources) if poisoning.sources else "all"
 
     def victim(labels: np.ndarray) -> str:
         model = train_model(cfg, train, train.images, labels, desc="victim")
-        cta = 100 * (predict(model, test.images) == test.labels).mean()
-        asr = 100 * (predict(model, triggered) == target).mean()
-        return f"{cta:5.1f} / {asr:5.1f}"
+        cta = accuracy(predict(model, test.images), test.labels)
+        asr = attack_success_rate(predict(model, triggered), target)
+        return f"{100 * cta:5.1f} / {100 * asr:5.1f}"
 
     print(f"{'budget':>6} | {'FLIP CTA / ASR':>15} | {'random':>13} | {'inner product':>13}")
     for budget in (int(b) for b in args.budgets.split(",")):
         flip_labels, _ = select_flips(attack.last_scores, attack.last_logits, train.labels, budget)
-        rand = train.labels.copy()
-        rand[rng.choice(src, budget, replace=False)] = target
+        # the sweep's baseline: the random_flip attack at the same budget and seed
+        rand = build_attack("random_flip", {"target": target, "sources": sources, "budget": budget}).poison(
+            train, seed=cfg.seed).labels
         inner = train.labels.copy()
         inner[src[np.argsort(-projection, kind="stable")[:budget]]] = target
         print(f"{budget:>6} | {victim(flip_labels):>15} | {victim(rand):>13} | {victim(inner):>13}", flush=True)
