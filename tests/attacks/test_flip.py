@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -6,13 +9,17 @@ from cleanbackdoor.attacks import AttackContext, build_attack
 from cleanbackdoor.attacks.flip import (FunctionalSGD, LabelData, combine_runs, distillation_labels, margin_scores,
                                         matching_loss_and_label_grad, optimize_labels, poisoned_training_set,
                                         select_flips, train_expert)
-from cleanbackdoor.config import ModelConfig
+from cleanbackdoor.config import ModelConfig, load_config
 from cleanbackdoor.data import ImageSet
 from cleanbackdoor.data.transforms import Augment
 from cleanbackdoor.errors import BudgetError, ConfigError
 from cleanbackdoor.models import build_model
+from cleanbackdoor.sweep import run_sweep
 from cleanbackdoor.training import TrainConfig
 from cleanbackdoor.triggers import build_trigger
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _model(name="convnet", seed=0, classes=3):
@@ -180,8 +187,22 @@ def test_flip_contract_budget_and_determinism(tmp_path):
     assert soft.labels.shape == (len(train), 3) and np.allclose(soft.labels.sum(1), 1)
 
 
+def test_whole_set_label_batch_is_one_step_per_pass(tmp_path):
+    """``label_batch = "all"`` is the poisoned set's size: the same flips as that number given explicitly."""
+    train = _tiny()
+    entries = len(train) + int((train.labels == 2).sum())
+    whole = build_attack("flip", {**FAST, "label_batch": "all", "budget": 5}).poison(train, seed=0, context=_ctx())
+    explicit = build_attack("flip", {**FAST, "label_batch": entries, "budget": 5}).poison(
+        train, seed=0, context=_ctx(tmp_path))
+    assert np.array_equal(whole.labels, explicit.labels)
+    assert all(len(run) == FAST["label_passes"] for run in whole.metadata["label_losses"])
+
+
 def test_flip_failures():
     train = _tiny()
+    for bad in (1, "half"):
+        with pytest.raises(ConfigError, match="label_batch"):
+            build_attack("flip", {"label_batch": bad})
     with pytest.raises(BudgetError):
         build_attack("flip", {**FAST, "budget": 1000}).poison(train, context=_ctx())
     with pytest.raises(ConfigError, match="label_lr"):
@@ -189,3 +210,19 @@ def test_flip_failures():
     with pytest.raises(ConfigError, match="SGD"):
         build_attack("flip", {**FAST, "expert_train": {"optimizer": "adam", "momentum": 0.0}}).poison(
             train, context=_ctx())
+
+
+# -- end to end on real data --------------------------------------------------------------------------------------
+def test_flip_beats_random_flips_on_digits(tmp_path, monkeypatch):
+    """The shipped digits recipe (configs/flip-digits.toml): FLIP's 40 flipped nines against 40 random ones."""
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(2)
+    cfg = load_config(CONFIGS / "flip-digits.toml", [f"out={str(tmp_path / 'sweep')!r}", "progress=false",
+                                                     "examples=0"])
+    rows = {r["method"]: r for r in run_sweep(cfg, [40])}
+    flip, rand = rows["flip"], rows["random_flip"]
+    clean = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["clean_model"]
+    assert clean["attack_success_rate"] < 0.05
+    assert flip["poisoned_examples"] == rand["poisoned_examples"] == 40
+    assert flip["attack_success_rate"] >= max(0.35, rand["attack_success_rate"] + 0.2)
+    assert flip["clean_accuracy"] >= clean["clean_accuracy"] - 0.05

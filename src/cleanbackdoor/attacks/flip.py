@@ -57,7 +57,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -96,7 +96,9 @@ class FlipParams(AttackParams):
     label_passes: int = Field(5, ge=1)
     label_lr: float = Field(150.0, gt=0)
     label_momentum: float = Field(0.5, ge=0, lt=1)
-    label_batch: int | None = Field(None, ge=2)
+    # the label step's batch of the poisoned set: None = the expert recipe's batch size; "all" = the whole set
+    # (one deterministic step per pass; small datasets, see the module docstring)
+    label_batch: Annotated[int, Field(ge=2)] | Literal["all"] | None = None
     init_scale: float = Field(5.0, gt=0)
     l1: float = Field(0.0, ge=0)
     method: Literal["autograd", "linearized"] = "autograd"
@@ -326,8 +328,11 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
             opt.step()
             total += float(loss)
         losses.append(total / n_batches)
-        if log is not None:
-            log(f"{desc}: pass {p + 1}/{passes}, mean matching loss {losses[-1]:.4f}")
+        every = max(1, passes // 10)  # about ten log lines per run, each the mean over the passes since the last
+        if log is not None and ((p + 1) % every == 0 or p + 1 == passes):
+            since = losses[-((p % every) + 1):]
+            span = f"pass {p + 1}" if len(since) == 1 else f"passes {p + 2 - len(since)}-{p + 1}"
+            log(f"{desc}: {span}/{passes}, mean matching loss {sum(since) / len(since):.4f}")
         if ckpt is not None:
             save_atomic({"logits": logits.detach(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                          "pass": p + 1, "losses": losses}, ckpt)
@@ -464,7 +469,7 @@ class Flip(Attack):
         # stage 2: label optimization (cached per run)
         fs = FunctionalSGD(fresh_model(0), recipe)
         data = LabelData.build(train.images, train.labels, ext_images, ext_labels, origin, device)
-        batch = p.label_batch or recipe.batch_size
+        batch = len(ext_labels) if p.label_batch == "all" else (p.label_batch or recipe.batch_size)
         runs, losses = [], []
         for r in range(p.label_runs):
             key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
