@@ -16,3 +16,15 @@ def test_shipped_config_is_valid(path):
 
 def test_configs_exist():
     assert len(CONFIGS) >= 4
+
+
+def test_digits_defense_rows_attack_with_the_attack_recipes():
+    """The digits defense table's FLIP row is the FLIP digits recipe at 40 flips, and its random-flip row is that
+    recipe's baseline: the table stays comparable with the FLIP section when the recipe changes."""
+    root = CONFIGS[0].parent
+    flip = load_config(root / "flip-digits.toml")
+    row = load_config(root / "defenses-digits-flip.toml")
+    assert row.attack == {**flip.attack, "budget": 40} and row.train == flip.train and row.model == flip.model
+    rand = load_config(root / "defenses-digits-random-flip.toml").attack
+    assert (rand["target"], rand["sources"], rand["budget"], rand["trigger"]) == (
+        flip.attack["target"], flip.attack["sources"], 40, flip.attack["trigger"])
