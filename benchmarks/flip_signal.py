@@ -9,10 +9,9 @@ noise; this script measures it, in one run, on the source-class training images:
   must teach;
 - victims at each budget, trained with the config's recipe: FLIP's flips (the paper's min-over-runs score),
   the same number of random source images flipped (the `random_flip` attack, as in `cleanbackdoor sweep`), and
-  the source images of largest trigger projection flipped (an inner-product baseline: the attacker knows its
-  trigger, so this is a label-only attack too; the authors' repository ships precomputed labels of a baseline of
-  that name). It shows what a label-only backdoor can reach
-  at this scale without trajectory matching.
+  the source images of largest trigger projection flipped (the `inner_product` attack: the attacker knows its
+  trigger, so this is a label-only attack too). It shows what a label-only backdoor can reach at this scale
+  without trajectory matching.
 
     PYTHONPATH=src python benchmarks/flip_signal.py [configs/flip-digits.toml] [--runs 10] [--budgets 20,40]
         [--set attack.label_passes=20 ...]
@@ -29,6 +28,7 @@ from scipy.stats import spearmanr
 from cleanbackdoor.attacks import build_attack
 from cleanbackdoor.attacks.base import AttackContext
 from cleanbackdoor.attacks.flip import select_flips
+from cleanbackdoor.attacks.inner_product import trigger_alignment
 from cleanbackdoor.config import load_config
 from cleanbackdoor.experiment import load_data, train_model
 from cleanbackdoor.metrics import accuracy, asr_eligible, attack_success_rate
@@ -60,9 +60,7 @@ def main() -> None:
     target, trigger = poisoning.target, poisoning.activation
     src = np.flatnonzero(asr_eligible(train.labels, target, poisoning.sources))
 
-    flat = train.images[src].reshape(len(src), -1).astype(np.float64)
-    direction = (trigger(train.images[src]).reshape(len(src), -1).astype(np.float64) - flat).mean(0)
-    projection = flat @ direction
+    projection = trigger_alignment(train.images[src], trigger)
     margins = [run[src, target] - run[src, train.labels[src]] for run in attack.last_runs]
     pairs = [spearmanr(margins[i], margins[j]).statistic
              for i in range(len(margins)) for j in range(i + 1, len(margins))]
@@ -84,11 +82,12 @@ def main() -> None:
     print(f"{'budget':>6} | {'FLIP CTA / ASR':>15} | {'random':>13} | {'inner product':>13}")
     for budget in (int(b) for b in args.budgets.split(",")):
         flip_labels, _ = select_flips(attack.last_scores, attack.last_logits, train.labels, budget)
-        # the sweep's baseline: the random_flip attack at the same budget and seed
-        rand = build_attack("random_flip", {"target": target, "sources": sources, "budget": budget}).poison(
-            train, seed=cfg.seed).labels
-        inner = train.labels.copy()
-        inner[src[np.argsort(-projection, kind="stable")[:budget]]] = target
+        # the sweep's baselines at the same budget and seed
+        shared = {"target": target, "sources": sources, "budget": budget}
+        if "trigger" in cfg.attack:
+            shared["trigger"] = cfg.attack["trigger"]
+        rand = build_attack("random_flip", shared).poison(train, seed=cfg.seed).labels
+        inner = build_attack("inner_product", shared).poison(train, seed=cfg.seed).labels
         print(f"{budget:>6} | {victim(flip_labels):>15} | {victim(rand):>13} | {victim(inner):>13}", flush=True)
 
 

@@ -54,7 +54,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cleanbackdoor.sweep import run_sweep
 
     budgets = [_budget(b) for b in args.budgets.split(",") if b.strip()]
-    run_sweep(_load(args), budgets, baselines=not args.no_baseline)
+    baselines = () if args.no_baseline else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    run_sweep(_load(args), budgets, baselines=baselines)
     return 0
 
 
@@ -113,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment: attack, victim training, evaluation")
     _common(run)
     run.set_defaults(func=cmd_run)
-    sweep = sub.add_parser("sweep", help="run an attack over several budgets, with a random-flip baseline")
+    sweep = sub.add_parser("sweep", help="run an attack over several budgets, with label-only baselines")
     _common(sweep)
     sweep.add_argument("--budgets", required=True, help="comma-separated counts (or fractions) of training examples")
-    sweep.add_argument("--no-baseline", action="store_true", help="skip the random baseline at each budget")
+    sweep.add_argument("--baselines", default="random_flip",
+                       help="label-only baselines at each budget: random_flip, inner_product (comma-separated)")
+    sweep.add_argument("--no-baseline", action="store_true", help="skip the baselines")
     sweep.set_defaults(func=cmd_sweep)
     table = sub.add_parser("defense-table", help="attacks (rows) x defenses (columns): detection and after-defense "
                            "figures, markdown + json")

@@ -1,4 +1,7 @@
-"""Budget sweeps: one attack at several budgets, next to the random-flip baseline at the same budgets.
+"""Budget sweeps: one attack at several budgets, next to label-only baselines at the same budgets.
+
+The baselines (``baselines``, default ``("random_flip",)``) take the attack's target, sources and trigger:
+``random_flip`` flips random source images, ``inner_product`` the source images most aligned with the trigger.
 
 Every point is an ordinary experiment (:func:`~cleanbackdoor.experiment.run_experiment`) in its own sub-folder,
 so it is measured exactly like a single run. Expensive products are cached by the experiment and the attacks: the
@@ -14,23 +17,30 @@ from pathlib import Path
 from typing import Any
 
 from cleanbackdoor.config import ExperimentConfig
+from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.experiment import run_experiment
 from cleanbackdoor.report import plot_budget_curves, plot_tradeoff, sweep_table
 
-BASELINE = "random_flip"
-# what the baseline copies from the attack so both are measured on the same backdoor
+BASELINES = ("random_flip", "inner_product")
+# what a baseline copies from the attack so both are measured on the same backdoor
 _SHARED_KEYS = ("target", "sources", "trigger")
 
 
-def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: bool = True) -> list[dict[str, Any]]:
+def run_sweep(cfg: ExperimentConfig, budgets: list[int | float],
+              baselines: tuple[str, ...] = ("random_flip",)) -> list[dict[str, Any]]:
+    for name in baselines:
+        if name not in BASELINES:
+            raise ConfigError(f"unknown sweep baseline {name!r}; choose from {', '.join(BASELINES)}")
     out = cfg.output_dir() if cfg.out else Path(f"runs/sweep-{cfg.attack_name}-{cfg.data.name}-seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
     methods = [(cfg.attack_name, dict(cfg.attack))]
-    if baselines and cfg.attack_name != BASELINE:
-        base = {"name": BASELINE}
+    for name in dict.fromkeys(baselines):
+        if name == cfg.attack_name:
+            continue
+        base = {"name": name}
         base.update({k: v for k, v in _attack_defaults(cfg).items() if k in _SHARED_KEYS})
         base.update({k: v for k, v in cfg.attack.items() if k in _SHARED_KEYS})
-        methods.append((BASELINE, base))
+        methods.append((name, base))
     rows, clean = [], None
     for budget in budgets:
         for method, attack in methods:

@@ -7,12 +7,13 @@ from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Pois
 from cleanbackdoor.attacks.clean_image import CleanImage
 from cleanbackdoor.attacks.flip import Flip
 from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger
+from cleanbackdoor.attacks.inner_product import InnerProduct
 from cleanbackdoor.attacks.multilabel import MultiLabel
 from cleanbackdoor.attacks.random_flip import RandomFlip
 from cleanbackdoor.errors import unknown_name
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, CleanImage, Flip, HiddenTrigger, MultiLabel,
-                                                              RandomFlip)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, CleanImage, Flip, HiddenTrigger, InnerProduct,
+                                                              MultiLabel, RandomFlip)}
 
 
 def build_attack(name: str, params: dict | None = None) -> Attack:
