@@ -104,7 +104,7 @@ class FlipParams(AttackParams):
     label_lr: float = Field(150.0, gt=0)
     label_momentum: float = Field(0.5, ge=0, lt=1)
     # the label step's batch of the poisoned set: None = the expert recipe's batch size; "all" = the whole set
-    # (one deterministic step per pass; small datasets, see the module docstring)
+    # (one step per pass; for small sets, see the module docstring)
     label_batch: Annotated[int, Field(ge=2)] | Literal["all"] | None = None
     init_scale: float = Field(5.0, gt=0)
     l1: float = Field(0.0, ge=0)
