@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.config import load_config, parse_value, stable_key
+from cleanbackdoor.config import fingerprint, load_config, parse_value, stable_key
 from cleanbackdoor.data import DATASETS, ImageSet, load_dataset, load_folder_splits, load_image_folder
 from cleanbackdoor.data.archive import is_archive
 from cleanbackdoor.data.folder import find_split_root
@@ -47,7 +47,6 @@ from cleanbackdoor.defenses import DefenseContext, build_defenses, defense_spec
 from cleanbackdoor.defenses.confident_learning import ConfidentLearning
 from cleanbackdoor.defenses.internal import (
     defender_recipe,
-    fingerprint,
     penultimate_features,
     percentile_ranks,
     train_defender_model,

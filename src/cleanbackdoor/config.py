@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from cleanbackdoor.errors import ConfigError
@@ -278,3 +279,13 @@ def stable_key(*parts: Any, length: int = 16) -> str:
     """A hash of JSON-serializable parts: the cache key of an expensive product."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A hash of arrays' bytes, shapes and dtypes: the part of a cache key that stands for data."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]

@@ -8,7 +8,6 @@ writes one folder: ``config.toml`` (as resolved), ``poisoning.npz`` + ``poisonin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
-from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, stable_key
+from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, fingerprint, stable_key
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
@@ -191,7 +190,7 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
 
     with timer.stage("victim"):
         images, targets = poisoning.apply(train_set)
-        run_key = stable_key(config_to_dict(cfg), hashlib.sha256(poisoning.labels.tobytes()).hexdigest())
+        run_key = stable_key(config_to_dict(cfg), fingerprint(poisoning.labels))
         model = train_model(cfg, train_set, images, targets, desc="poisoned model", checkpoint=out / "victim.ckpt",
                             checkpoint_key=run_key)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")

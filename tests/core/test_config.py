@@ -53,3 +53,17 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("seed = = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_fingerprint_tells_data_apart_by_content_shape_and_dtype():
+    import numpy as np
+
+    from cleanbackdoor.config import fingerprint
+
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert fingerprint(a) == fingerprint(a.copy()) == fingerprint(np.asfortranarray(a))
+    assert fingerprint(a) != fingerprint(a.reshape(4, 3))  # same bytes, other shape
+    assert fingerprint(a) != fingerprint(a.astype(np.int8))  # same values, other dtype
+    b = a.copy()
+    b[2, 3] += 1
+    assert fingerprint(a) != fingerprint(b) and fingerprint(a, b) != fingerprint(b, a)

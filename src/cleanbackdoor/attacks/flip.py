@@ -59,7 +59,6 @@ Deviations from the authors' code (github SewoongLab/FLIP), all deliberate:
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import shutil
 from dataclasses import dataclass
@@ -76,7 +75,7 @@ from tqdm.auto import tqdm
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
                                         format_validation_error, resolve_budget)
-from cleanbackdoor.config import stable_key
+from cleanbackdoor.config import fingerprint, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
@@ -386,13 +385,6 @@ def distillation_labels(logits: np.ndarray, labels: np.ndarray, alpha: float) ->
 
 
 # -- the attack ---------------------------------------------------------------------------------------------
-def data_fingerprint(train: ImageSet) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(train.images).tobytes())
-    h.update(np.ascontiguousarray(train.labels).tobytes())
-    return h.hexdigest()[:16]
-
-
 class Flip(Attack):
     """FLIP (Jha, Hayase, Oh, NeurIPS 2023): see the module docstring.
 
@@ -447,7 +439,7 @@ class Flip(Attack):
             return build_model(model_cfg["name"], train.image_shape, train.num_classes, mean, std,
                                **model_cfg.get("options", {}))
 
-        base_key = [data_fingerprint(train), trigger.params(), target, list(sources or []), model_cfg,
+        base_key = [fingerprint(train.images, train.labels), trigger.params(), target, list(sources or []), model_cfg,
                     recipe.model_dump(mode="json")]
         cache = Path(ctx.cache_dir) / "flip" if ctx.cache_dir else None
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.config import scale_milestones, stable_key
+from cleanbackdoor.config import fingerprint, scale_milestones, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import channel_stats, to_tensor
 from cleanbackdoor.defenses.base import DefenseContext
@@ -39,16 +38,6 @@ def label_groups(labels: np.ndarray, num_classes: int) -> list[tuple[int, np.nda
     else:
         groups = [(k, np.flatnonzero(labels[:, k] > 0)) for k in range(num_classes)]
     return [(k, idx) for k, idx in groups if len(idx)]
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """A hash of arrays' bytes, shapes and dtypes (the cache key of a product computed from them)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def percentile_ranks(scores: np.ndarray) -> np.ndarray:
