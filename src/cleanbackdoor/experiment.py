@@ -122,6 +122,9 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poison
         eligible = attack.asr_mask(test, poisoning)
         triggered = poisoning.activation(test.images[eligible])
         out["attack_success_rate"] = attack_success_rate(predict(model, triggered), poisoning.target)
+        # the same images without the trigger: what of the ASR the trigger does not explain (a label-only attack
+        # can also just move the whole source class towards the target)
+        out["asr_without_trigger"] = attack_success_rate(predict(model, test.images[eligible]), poisoning.target)
         out["asr_test_images"] = int(eligible.sum())
     out.update(attack.extra_metrics(model, test, poisoning))
     return out

@@ -24,7 +24,7 @@ def percent(v: Any) -> str:
 
 
 # figures shown in the run table, in order, with their column titles
-TABLE_COLUMNS = [("clean_accuracy", "CTA"), ("attack_success_rate", "ASR"),
+TABLE_COLUMNS = [("clean_accuracy", "CTA"), ("attack_success_rate", "ASR"), ("asr_without_trigger", "ASR-noT"),
                  ("natural_attack_success_rate", "NASR"), ("mean_average_precision", "mAP"),
                  ("mean_average_precision_no_trigger", "mAP-noT"), ("side_effect_rate", "SideEff")]
 
@@ -81,7 +81,7 @@ def defenses_table(defenses: dict[str, Any]) -> str:
 def sweep_table(rows: Sequence[dict[str, Any]], keys: Sequence[tuple[str, str]]) -> str:
     """A fixed-width table of dict rows; ``keys`` are (key, title); floats shown as percentages."""
     def cell(v: Any) -> str:
-        return percent(v) if isinstance(v, float) else str(v)
+        return percent(v) if v is None or isinstance(v, float) else str(v)
 
     widths = [max([len(t)] + [len(cell(r.get(k))) for r in rows]) for k, t in keys]
     out = ["  ".join(f"{t:>{w}}" for (_, t), w in zip(keys, widths))]

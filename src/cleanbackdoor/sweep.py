@@ -19,7 +19,7 @@ from typing import Any
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.experiment import run_experiment
-from cleanbackdoor.report import plot_budget_curves, plot_tradeoff, sweep_table
+from cleanbackdoor.report import percent, plot_budget_curves, plot_tradeoff, sweep_table
 
 BASELINES = ("random_flip", "inner_product")
 # what a baseline copies from the attack so both are measured on the same backdoor
@@ -50,6 +50,7 @@ def run_sweep(cfg: ExperimentConfig, budgets: list[int | float],
             m = result.metrics
             rows.append({"method": method, "budget": m["budget"], "poisoned_examples": m["poisoned_examples"],
                          "clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"],
+                         "asr_without_trigger": m.get("asr_without_trigger"),
                          "poison_fit_rate": m.get("poison_fit_rate")})
             clean = m.get("clean_model") or clean
             print(f"{method} at budget {budget}: CTA {100 * m['clean_accuracy']:.1f}%, "
@@ -58,10 +59,12 @@ def run_sweep(cfg: ExperimentConfig, budgets: list[int | float],
                "budget_unit": "training examples", "points": rows, "clean_model": clean}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     table = sweep_table(rows, [("method", "method"), ("budget", "budget"), ("clean_accuracy", "CTA"),
-                               ("attack_success_rate", "ASR"), ("poison_fit_rate", "poisons fit")])
+                               ("attack_success_rate", "ASR"), ("asr_without_trigger", "ASR no trigger"),
+                               ("poison_fit_rate", "poisons fit")])
     if clean:
-        table += (f"\nclean model: CTA {100 * clean['clean_accuracy']:.1f}%, "
-                  f"ASR {100 * clean['attack_success_rate']:.1f}%")
+        table += (f"\nclean model: CTA {percent(clean['clean_accuracy'])}, "
+                  f"ASR {percent(clean['attack_success_rate'])}, "
+                  f"ASR without the trigger {percent(clean.get('asr_without_trigger'))}")
     (out / "sweep.txt").write_text(table + "\n")
     print(table)
     title = f"{cfg.attack_name} on {cfg.data.name} ({cfg.model.name}), budget = labels changed"

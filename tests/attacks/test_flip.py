@@ -225,4 +225,6 @@ def test_flip_beats_random_flips_on_digits(tmp_path, monkeypatch):
     assert clean["attack_success_rate"] < 0.05
     assert flip["poisoned_examples"] == rand["poisoned_examples"] == 40
     assert flip["attack_success_rate"] >= max(0.35, rand["attack_success_rate"] + 0.2)
+    # part of it is the flipped nines pulling untriggered nines to 4 too; the trigger must add to that
+    assert flip["attack_success_rate"] >= flip["asr_without_trigger"] + 0.15
     assert flip["clean_accuracy"] >= clean["clean_accuracy"] - 0.05

@@ -22,6 +22,9 @@ def test_default_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
     # the issue's acceptance: ASR >= 90% with CTA within 3 points of the clean model
     assert m["attack_success_rate"] >= 0.90
     assert m["clean_model"]["attack_success_rate"] < 0.2  # the clean model ignores the trigger
+    # without the trigger the victim keeps the source images' classes: the trigger does the work
+    assert m["asr_without_trigger"] < 0.05 and m["clean_model"]["asr_without_trigger"] < 0.05
+    assert "ASR-noT" in printed
     assert m["clean_accuracy"] >= m["clean_model"]["clean_accuracy"] - 0.03
     assert set(m["seconds"]) >= {"data", "attack", "victim", "clean_model"}
     for name in ("config.toml", "poisoning.npz", "poisoning.json", "examples.png", "log.txt", "model.pt"):

@@ -12,6 +12,7 @@ def test_sweep_writes_table_plots_and_pairs_each_budget_with_the_baseline(tmp_pa
     summary = json.loads((out / "sweep.json").read_text())
     points = {(p["method"], p["budget"]) for p in summary["points"]}
     assert points == {("badnets", 10), ("badnets", 30), ("random_flip", 10), ("random_flip", 30)}
+    assert all(0 <= p["asr_without_trigger"] <= 1 for p in summary["points"])
     assert summary["clean_model"]["clean_accuracy"] > 0
     for name in ("asr_vs_cta.png", "budget_curves.png", "sweep.txt"):
         assert (out / name).exists()
