@@ -157,12 +157,16 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, title: str, clean:
 
 
 def plot_budget_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """ASR and CTA against the budget (count of changed training examples), one line per method."""
+    """ASR and CTA against the budget (count of changed training examples), one line per method; dashed in the
+    same colour, the ASR without the trigger where the rows have it (the part of ASR the trigger does not explain)."""
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
     for m in sorted({r["method"] for r in rows}):
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
         b = [r["budget"] for r in pts]
-        axes[0].plot(b, [100 * r["attack_success_rate"] for r in pts], marker="o", label=m)
+        (line,) = axes[0].plot(b, [100 * r["attack_success_rate"] for r in pts], marker="o", label=m)
+        if all(r.get("asr_without_trigger") is not None for r in pts):
+            axes[0].plot(b, [100 * r["asr_without_trigger"] for r in pts], linestyle="--", marker=".",
+                         color=line.get_color(), label=f"{m}, no trigger")
         axes[1].plot(b, [100 * r["clean_accuracy"] for r in pts], marker="o", label=m)
     axes[0].set_ylabel("ASR (%)")
     axes[0].set_ylim(-3, 103)
