@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cleanbackdoor.attacks import AttackContext, build_attack
-from cleanbackdoor.attacks.flip import (FunctionalSGD, LabelData, combine_runs, distillation_labels, margin_scores,
-                                        matching_loss_and_label_grad, optimize_labels, poisoned_training_set,
-                                        select_flips, train_expert)
+from cleanbackdoor.attacks.flip import (FunctionalSGD, LabelData, chunked_matching_loss_and_label_grad, combine_runs,
+                                        distillation_labels, margin_scores, matching_loss_and_label_grad,
+                                        optimize_labels, poisoned_training_set, select_flips, train_expert)
 from cleanbackdoor.config import ModelConfig, load_config
 from cleanbackdoor.data import ImageSet
 from cleanbackdoor.data.transforms import Augment
@@ -118,6 +118,24 @@ def test_linearized_gradient_equals_autograd(arch):
     assert torch.allclose(through_softmax(g1), through_softmax(g2), atol=1e-4 * float(g2.abs().max()))
 
 
+@pytest.mark.parametrize("method", ["autograd", "linearized"])
+def test_chunked_step_equals_the_whole_batch_step(method):
+    """The ConvNet's instance norm has no statistics across samples, so a step computed in chunks is the same step;
+    chunks of unequal size check the size weighting."""
+    fs = FunctionalSGD(_model(), TrainConfig(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    theta = _flat(_model(seed=1))
+    buf = torch.randn_like(theta) * 0.01
+    xe, xs = torch.rand(10, 1, 8, 8), torch.rand(10, 1, 8, 8)
+    ye = torch.randint(0, 3, (10,))
+    soft = torch.softmax(torch.randn(10, 3), 1)
+    lr = torch.tensor(0.05)
+    whole_loss, whole = matching_loss_and_label_grad(fs, theta, buf, lr, xe, ye, xs, soft, method)
+    chunks = [(r, lambda r=r: (xe[r], ye[r], xs[r])) for r in (slice(0, 4), slice(4, 8), slice(8, 10))]
+    loss, g = chunked_matching_loss_and_label_grad(fs, theta, buf, lr, chunks, soft, method)
+    assert torch.allclose(loss, whole_loss, rtol=1e-5)
+    assert torch.allclose(g, whole, atol=1e-5 * float(whole.abs().max()))
+
+
 # -- stages on a tiny set --------------------------------------------------------------------------------------
 def _tiny(n=120, classes=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -137,7 +155,7 @@ def test_poisoned_training_set_appends_triggered_sources():
     assert np.array_equal(origin[len(train):], src) and np.array_equal(imgs[len(train):], trig(train.images[src]))
 
 
-def test_label_optimization_resumes_to_the_same_logits(tmp_path):
+def test_label_optimization_in_chunks_and_resumed_gives_the_same_logits(tmp_path):
     train = _tiny()
     recipe = TrainConfig(epochs=4, batch_size=32, lr=0.05, crop_padding=1)
     trig = build_trigger("patch", (1, 8, 8))
@@ -151,6 +169,11 @@ def test_label_optimization_resumes_to_the_same_logits(tmp_path):
     full, losses = optimize_labels(fs, [traj], data, 3, Augment(1, False), **kw)
     assert len(losses) == 3 and np.isfinite(losses).all()
     assert not torch.equal(full, 5 * torch.nn.functional.one_hot(torch.as_tensor(train.labels), 3).float())
+    # the whole set as one batch, in chunks of 32: the same logits as in one piece (no cross-sample statistics)
+    whole = {**kw, "batch_size": len(labels)}
+    one, _ = optimize_labels(fs, [traj], data, 3, Augment(1, False), **whole)
+    chunked, _ = optimize_labels(fs, [traj], data, 3, Augment(1, False), **whole, chunk=32)
+    assert torch.allclose(one, chunked, atol=1e-4) and not torch.equal(one, full)
     work = tmp_path / "w"
     work.mkdir()
     optimize_labels(fs, [traj], data, 3, Augment(1, False), **{**kw, "passes": 1}, work_dir=work)  # "killed"
@@ -203,6 +226,8 @@ def test_flip_failures():
     for bad in (1, "half"):
         with pytest.raises(ConfigError, match="label_batch"):
             build_attack("flip", {"label_batch": bad})
+    with pytest.raises(ConfigError, match="label_chunk"):
+        build_attack("flip", {"label_chunk": 1})
     with pytest.raises(BudgetError):
         build_attack("flip", {**FAST, "budget": 1000}).poison(train, context=_ctx())
     with pytest.raises(ConfigError, match="label_lr"):

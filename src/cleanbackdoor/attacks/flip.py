@@ -42,7 +42,9 @@ entries only, so on a small set a minibatch holds a handful of them and each ste
 drawn with them (digits, batch 64: about six triggered nines; run-to-run rank correlation of the margins 0.06).
 ``label_batch = "all"`` steps on the whole poisoned set at once (one step per pass, on a random checkpoint): on
 digits this took the correlation to 0.5-0.75 and FLIP from below random flips to far above them
-(docs/results.md). It holds the whole set in one differentiable step; on large sets give a large integer.
+(docs/results.md). A batch above ``label_chunk`` entries (default 4096) is processed in chunks
+(:func:`chunked_matching_loss_and_label_grad`): the same step in the memory of one chunk, for one more pass over
+the batch; with batch norm, each chunk uses its own batch statistics.
 
 Deviations from the authors' code (github SewoongLab/FLIP), all deliberate:
 - experts are trained only for the ``expert_epochs`` whose checkpoints are used (the learning-rate schedule is
@@ -59,8 +61,10 @@ Deviations from the authors' code (github SewoongLab/FLIP), all deliberate:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -77,7 +81,7 @@ from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poi
                                         format_validation_error, resolve_budget)
 from cleanbackdoor.config import fingerprint, stable_key
 from cleanbackdoor.data.imageset import ImageSet
-from cleanbackdoor.data.transforms import Augment, channel_stats, to_nchw
+from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
 from cleanbackdoor.training import PRESETS, TrainConfig, resolve_device, save_atomic, train
@@ -105,6 +109,9 @@ class FlipParams(AttackParams):
     # the label step's batch of the poisoned set: None = the expert recipe's batch size; "all" = the whole set
     # (one step per pass; for small sets, see the module docstring)
     label_batch: Annotated[int, Field(ge=2)] | Literal["all"] | None = None
+    # the most entries one differentiable pass holds: a larger label batch is processed in chunks of this size
+    # (same step, batch-norm statistics per chunk, one more pass over the batch), so memory stays bounded
+    label_chunk: int = Field(4096, ge=2)
     init_scale: float = Field(5.0, gt=0)
     l1: float = Field(0.0, ge=0)
     method: Literal["autograd", "linearized"] = "autograd"
@@ -264,6 +271,46 @@ def matching_loss_and_label_grad(fs: FunctionalSGD, theta: torch.Tensor, buf: to
     return loss, -jv.detach() / b
 
 
+def chunked_matching_loss_and_label_grad(fs: FunctionalSGD, theta: torch.Tensor, buf: torch.Tensor,
+                                         lr: torch.Tensor, chunks: list[tuple[slice, Callable[[], tuple]]],
+                                         soft: torch.Tensor, method: str = "autograd"
+                                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`matching_loss_and_label_grad` for a batch too large for one differentiable pass.
+
+    ``chunks`` are (rows of ``soft``, loader of (x_expert, y_expert, x_student) for those rows). Both steps use the
+    batch gradient as the size-weighted mean of the chunk gradients (batch-norm statistics are per chunk, as in
+    training with batches of the chunk size). The update is affine in the student's gradient g_s, so
+    dLoss/dsoft = v . dg_s/dsoft with v = dLoss/dg_s = -2 lr a (theta_hat - theta_{k+1}) / D, and each chunk's share
+    is one more pass through it: a double backward of v . g_s^c (``autograd``), or -J_c v / B (``linearized``).
+    Three passes over the batch instead of two, memory of one chunk."""
+    n = soft.shape[0]
+    with torch.no_grad():
+        g_e = torch.zeros_like(theta)
+        g_s = torch.zeros_like(theta)
+        for rows, load in chunks:
+            x_e, y_e, x_s = load()
+            w = (rows.stop - rows.start) / n
+            g_e += w * fs.grad(theta, x_e, y_e)
+            g_s += w * fs.grad(theta, x_s, soft[rows])
+        theta_next = fs.step(theta, g_e, buf, lr)
+        denom = (theta - theta_next).pow(2).sum().clamp_min(1e-30)
+        resid = fs.step(theta, g_s, buf, lr) - theta_next
+        loss = resid.pow(2).sum() / denom
+        v = resid * (-2.0 * lr * fs.slope / denom)  # dLoss / dg_s
+    g_soft = torch.zeros_like(soft)
+    for rows, load in chunks:
+        _, _, x_s = load()
+        w = (rows.stop - rows.start) / n
+        if method == "autograd":
+            t = soft[rows].detach().requires_grad_(True)
+            (g,) = torch.autograd.grad((fs.grad(theta, x_s, t) * v).sum(), t)
+            g_soft[rows] = w * g
+        else:
+            _, jv = jvp(lambda p: fs.logits(p, x_s), (fs.unflatten(theta),), (fs.unflatten(v),))
+            g_soft[rows] = -jv.detach() / n
+    return loss, g_soft
+
+
 @dataclass
 class LabelData:
     """The tensors label optimization reads, on the device."""
@@ -283,11 +330,12 @@ class LabelData:
 
 def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: LabelData, num_classes: int,
                     augment: Augment, *, passes: int, batch_size: int, lr: float, momentum: float,
-                    init_scale: float, l1: float, seed: int, method: str = "autograd",
+                    init_scale: float, l1: float, seed: int, method: str = "autograd", chunk: int | None = None,
                     work_dir: Path | None = None, progress: bool = True, desc: str = "labels",
                     log=None) -> tuple[torch.Tensor, list[float]]:
     """Learn the attacker's label logits (N, C) by one-step trajectory matching; returns them and the mean loss
-    of each pass. With ``work_dir``, the state is saved after every pass and an interrupted run resumes."""
+    of each pass. A batch larger than ``chunk`` is processed in chunks (:func:`chunked_matching_loss_and_label_grad`).
+    With ``work_dir``, the state is saved after every pass and an interrupted run resumes."""
     dev = data.clean.device
     logits = (init_scale * F.one_hot(data.labels, num_classes).float()).requires_grad_(True)
     opt = torch.optim.SGD([logits], lr=lr, momentum=momentum)
@@ -316,13 +364,23 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
             traj = trajs[int(choice[b, 0]) % len(trajs)]
             k = int(choice[b, 1]) % len(traj)
             draw = augment.draw(len(idx), gen)
-            x_e = augment.apply(data.expert_images[idx].float().div_(255), draw)
             src = data.origin[idx]
-            x_s = augment.apply(data.clean[src].float().div_(255), draw)
-            z = logits[src]
-            soft = F.softmax(z, dim=1)
-            loss, g_soft = matching_loss_and_label_grad(fs, traj.params[k], traj.momentum[k], traj.lr[k], x_e,
-                                                        data.expert_labels[idx], x_s, soft.detach(), method)
+            soft = F.softmax(logits[src], dim=1)
+
+            def load(rows: slice = slice(None), idx=idx, src=src, draw=draw) -> tuple:
+                part = AugmentDraw(draw.dy[rows], draw.dx[rows], draw.flip[rows])
+                return (augment.apply(data.expert_images[idx[rows]].float().div_(255), part),
+                        data.expert_labels[idx[rows]], augment.apply(data.clean[src[rows]].float().div_(255), part))
+
+            if chunk is None or len(idx) <= chunk:
+                x_e, y_e, x_s = load()
+                loss, g_soft = matching_loss_and_label_grad(fs, traj.params[k], traj.momentum[k], traj.lr[k], x_e,
+                                                            y_e, x_s, soft.detach(), method)
+            else:
+                parts = [slice(a, min(a + chunk, len(idx))) for a in range(0, len(idx), chunk)]
+                loss, g_soft = chunked_matching_loss_and_label_grad(
+                    fs, traj.params[k], traj.momentum[k], traj.lr[k],
+                    [(rows, functools.partial(load, rows)) for rows in parts], soft.detach(), method)
             if not torch.isfinite(loss):
                 raise ConfigError(f"label optimization diverged in pass {p + 1} (loss {float(loss)}); "
                                   "lower label_lr")
@@ -471,8 +529,10 @@ class Flip(Attack):
         batch = len(ext_labels) if p.label_batch == "all" else (p.label_batch or recipe.batch_size)
         runs, losses = [], []
         for r in range(p.label_runs):
+            chunk = p.label_chunk if batch > p.label_chunk else None  # the result depends on it only then
             key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
-                             p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1)
+                             p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1,
+                             *([chunk] if chunk else []))
             path = cache / f"labels-{key}.pt" if cache else None
             if path is not None and path.exists():
                 saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -486,7 +546,7 @@ class Flip(Attack):
             logits, run_losses = optimize_labels(
                 fs, trajectories, data, train.num_classes, recipe.augment, passes=p.label_passes,
                 batch_size=batch, lr=p.label_lr, momentum=p.label_momentum, init_scale=p.init_scale, l1=p.l1,
-                seed=seed * 1000 + 500 + r, method=p.method, work_dir=work, progress=ctx.progress,
+                seed=seed * 1000 + 500 + r, method=p.method, chunk=chunk, work_dir=work, progress=ctx.progress,
                 desc=f"label run {r + 1}/{p.label_runs}", log=log)
             if path is not None:
                 save_atomic({"logits": logits, "losses": torch.tensor(run_losses)}, path)
