@@ -10,9 +10,8 @@ Budget: a count of training examples or a fraction of the whole training set (se
 
 from __future__ import annotations
 
-import numpy as np
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, relabel
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
@@ -27,10 +26,7 @@ class BadNets(Attack):
         target, sources = self.resolve_classes(train)
         chosen = self.sample_sources(train, target, sources, seed)
         trigger = self.params.trigger.build(train.image_shape, seed)
-        labels = train.labels.copy()
-        labels[chosen] = target
-        mask = np.zeros(len(train), dtype=bool)
-        mask[chosen] = True
+        labels, mask = relabel(train.labels, chosen, target)
         return Poisoning(self.name, labels, mask, trigger, target, sources, len(chosen), chosen,
                          trigger(train.images[chosen]),
                          metadata={"seed": seed})

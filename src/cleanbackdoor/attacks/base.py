@@ -34,6 +34,15 @@ from cleanbackdoor.triggers import TRIGGERS, Trigger, build_trigger
 Activation = Callable[[np.ndarray], np.ndarray]
 
 
+def relabel(labels: np.ndarray, chosen: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of ``labels`` with the ``chosen`` indices set to ``target``, and the mask of ``chosen``."""
+    out = labels.copy()
+    out[chosen] = target
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[chosen] = True
+    return out, mask
+
+
 def resolve_budget(budget: int | float, n_total: int, n_available: int, what: str = "examples") -> int:
     """A budget (count, or fraction of the whole training set) as a count, checked against what can be changed."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):

@@ -17,22 +17,18 @@ Budget: a count of training examples or a fraction of the whole training set (se
 
 from __future__ import annotations
 
-from typing import Literal
 
 import numpy as np
-from pydantic import Field
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
+from cleanbackdoor.attacks.base import Attack, AttackContext, Poisoning, relabel, resolve_budget
+from cleanbackdoor.attacks.random_flip import RandomFlipParams
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.triggers import Trigger
 
 
-class InnerProductParams(AttackParams):
-    target: int | str = 4
-    sources: list[int | str] | Literal["all"] = [9]
-    budget: int | float = Field(0.02, ge=0)
-    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"))
+class InnerProductParams(RandomFlipParams):
+    """The fields of random flips (target, sources, budget, trigger), which it replaces at the same budget."""
 
 
 def trigger_alignment(images: np.ndarray, trigger: Trigger) -> np.ndarray:
@@ -55,9 +51,6 @@ class InnerProduct(Attack):
         trigger = self.params.trigger.build(train.image_shape, seed)
         scores = trigger_alignment(train.images[candidates], trigger)
         chosen = np.sort(candidates[np.argsort(-scores, kind="stable")[:m]])
-        labels = train.labels.copy()
-        labels[chosen] = target
-        mask = np.zeros(len(train), dtype=bool)
-        mask[chosen] = True
+        labels, mask = relabel(train.labels, chosen, target)
         return Poisoning(self.name, labels, mask, trigger, target, sources, m,
                          metadata={"seed": seed, "score_threshold": float(np.sort(scores)[::-1][m - 1]) if m else None})

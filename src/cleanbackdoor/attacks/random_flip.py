@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, relabel, TriggerSpec
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
@@ -33,9 +32,6 @@ class RandomFlip(Attack):
             raise ConfigError("random_flip needs single-label data")
         target, sources = self.resolve_classes(train)
         chosen = self.sample_sources(train, target, sources, seed)
-        labels = train.labels.copy()
-        labels[chosen] = target
-        mask = np.zeros(len(train), dtype=bool)
-        mask[chosen] = True
+        labels, mask = relabel(train.labels, chosen, target)
         trigger = self.params.trigger.build(train.image_shape, seed)
         return Poisoning(self.name, labels, mask, trigger, target, sources, len(chosen), metadata={"seed": seed})
