@@ -107,7 +107,7 @@ class FlipParams(AttackParams):
     label_lr: float = Field(150.0, gt=0)
     label_momentum: float = Field(0.5, ge=0, lt=1)
     # the label step's batch of the poisoned set: None = the expert recipe's batch size; "all" = the whole set
-    # (one step per pass; for small sets, see the module docstring)
+    # (one step per pass, see the module docstring)
     label_batch: Annotated[int, Field(ge=2)] | Literal["all"] | None = None
     # the most entries one differentiable pass holds: a larger label batch is processed in chunks of this size
     # (same step, batch-norm statistics per chunk, one more pass over the batch), so memory stays bounded
@@ -527,9 +527,9 @@ class Flip(Attack):
         fs = FunctionalSGD(fresh_model(0), recipe)
         data = LabelData.build(train.images, train.labels, ext_images, ext_labels, origin, device)
         batch = len(ext_labels) if p.label_batch == "all" else (p.label_batch or recipe.batch_size)
+        chunk = p.label_chunk if batch > p.label_chunk else None  # the result depends on it only then
         runs, losses = [], []
         for r in range(p.label_runs):
-            chunk = p.label_chunk if batch > p.label_chunk else None  # the result depends on it only then
             key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
                              p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1,
                              *([chunk] if chunk else []))
