@@ -5,9 +5,11 @@ backward with soft labels) and the differentiation of the matching loss back to 
 - autograd:   the default route, torch.func.grad differentiated again by autograd (backward through backward);
 - linearized: one vector-Jacobian and one Jacobian-vector product (see attacks/flip.py);
 - disk:       the default route plus reloading the checkpoint from disk three times per batch, as the
-              authors' code does.
+              authors' code does;
+- chunked:    the default route on the same batch in ``--chunks`` pieces (``label_chunk``, for batches that do not
+              fit one differentiable pass): one more pass over the batch, the memory of one piece.
 
-    PYTHONPATH=src python benchmarks/flip_label_step.py [--model convnet] [--batch 128] [--repeats 5]
+    PYTHONPATH=src python benchmarks/flip_label_step.py [--model convnet] [--batch 128] [--repeats 5] [--chunks 2]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cleanbackdoor.attacks.flip import FunctionalSGD, matching_loss_and_label_grad
+from cleanbackdoor.attacks.flip import FunctionalSGD, chunked_matching_loss_and_label_grad, matching_loss_and_label_grad
 from cleanbackdoor.models import build_model
 from cleanbackdoor.training import TrainConfig, resolve_device
 
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--model", default="convnet")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunks", type=int, default=2, help="pieces of the batch for the chunked route")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     dev = resolve_device(args.device)
@@ -68,14 +71,22 @@ def main() -> None:
                 state = torch.load(ckpt, map_location=dev, weights_only=True)
             th, bf = state["params"], state["momentum"]
         soft = F.softmax(logits, 1)
-        _, g = matching_loss_and_label_grad(fs, th, bf, torch.tensor(0.1, device=dev), x_trig, y, x,
-                                            soft.detach(), method)
+        if method == "chunked":
+            size = -(-args.batch // args.chunks)
+            parts = [slice(a, min(a + size, args.batch)) for a in range(0, args.batch, size)]
+            _, g = chunked_matching_loss_and_label_grad(
+                fs, th, bf, torch.tensor(0.1, device=dev),
+                [(r, lambda r=r: (x_trig[r], y[r], x[r])) for r in parts], soft.detach(), "autograd")
+        else:
+            _, g = matching_loss_and_label_grad(fs, th, bf, torch.tensor(0.1, device=dev), x_trig, y, x,
+                                                soft.detach(), method)
         label_opt.zero_grad(set_to_none=True)
         (soft * g).sum().backward()
         label_opt.step()
 
     cases = {"train": train_step, "linearized": lambda: label_step("linearized"),
-             "autograd": lambda: label_step("autograd"), "disk": lambda: label_step("autograd", True)}
+             "autograd": lambda: label_step("autograd"), "disk": lambda: label_step("autograd", True),
+             "chunked": lambda: label_step("chunked")}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():  # warm-up
         fn()
@@ -90,7 +101,7 @@ def main() -> None:
     print(f"model {args.model}, batch {args.batch}, device {dev}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print(f"training step          : {1000 * med['train']:8.1f} ms")
-    for k in ("autograd", "linearized", "disk"):
+    for k in ("autograd", "linearized", "disk", "chunked"):
         print(f"label step ({k:10s}): {1000 * med[k]:8.1f} ms   ratio {med[k] / med['train']:.2f}")
 
 
