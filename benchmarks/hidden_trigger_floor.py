@@ -25,10 +25,10 @@ import argparse
 
 import numpy as np
 import torch
-from hidden_trigger_vs_art import heldout_loss
+from hidden_trigger_vs_art import heldout_loss, random_paste, to01
 
 from cleanbackdoor.attacks import Poisoning, resolve_budget
-from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger, feature_fn, paste_patch, patch_pixels
+from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger, feature_fn, patch_pixels
 from cleanbackdoor.config import load_config
 from cleanbackdoor.experiment import load_data
 from cleanbackdoor.pretrain import pretrained_model
@@ -54,14 +54,8 @@ def main() -> None:
     trigger = spec.params.trigger.build(train_set.image_shape, cfg.seed)
     patch = torch.from_numpy(patch_pixels(trigger)).permute(2, 0, 1).float().div(255)
 
-    def to01(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255)
-
     def pasted(x: torch.Tensor, seed: int) -> torch.Tensor:  # the trigger at random positions, as the attack does
-        g = np.random.default_rng(seed)
-        h, w, s = x.shape[2], x.shape[3], patch.shape[-1]
-        pos = torch.from_numpy(np.stack([g.integers(0, h - s + 1, len(x)), g.integers(0, w - s + 1, len(x))], 1))
-        return paste_patch(x, patch, pos)
+        return random_paste(x, patch, np.random.default_rng(seed))
 
     clean_heldout = to01(test_set.images[test_set.labels == source])
     heldout = pasted(clean_heldout, 10_000 + args.seed)

@@ -56,6 +56,19 @@ def heldout_loss(features, poisons: torch.Tensor, patched: torch.Tensor) -> floa
     return float(cost[rows, cols].mean())
 
 
+def to01(a: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W, C) as float (N, C, H, W) in [0, 1]."""
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255)
+
+
+def random_paste(x: torch.Tensor, patch: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+    """``patch`` (C, s, s) pasted on each image of ``x`` at a position drawn from ``generator``."""
+    h, w, s = x.shape[2], x.shape[3], patch.shape[-1]
+    pos = torch.from_numpy(np.stack([generator.integers(0, h - s + 1, len(x)),
+                                     generator.integers(0, w - s + 1, len(x))], 1))
+    return paste_patch(x, patch.to(x.device), pos)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/hidden-trigger-cifar10.toml")
@@ -97,19 +110,9 @@ def main() -> None:
     target_idx = np.sort(rng.choice(np.flatnonzero(train_set.labels == target), args.poisons, replace=False))
     source_idx = np.flatnonzero(train_set.labels == source)
 
-    def to01(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255)
-
     targets = to01(train_set.images[target_idx])
-    h, w, s = targets.shape[2], targets.shape[3], patch.shape[-1]
-
-    def random_paste(x: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
-        pos = torch.from_numpy(np.stack([generator.integers(0, h - s + 1, len(x)),
-                                         generator.integers(0, w - s + 1, len(x))], 1))
-        return paste_patch(x, patch.to(x.device), pos)
-
     test_sources = to01(test_set.images[test_set.labels == source]).to(dev)
-    heldout = random_paste(test_sources, np.random.default_rng(10_000 + args.seed))
+    heldout = random_paste(test_sources, patch, np.random.default_rng(10_000 + args.seed))
     print(f"{cfg.data.classes or cfg.data.name}: {args.poisons} poisons of class {train_set.class_names[target]!r}, "
           f"sources {train_set.class_names[source]!r} ({len(source_idx)} images), {args.iterations} iterations, "
           f"eps {args.eps:.4f}, lr {args.lr}, device {dev}, {torch.get_num_threads()} threads")
@@ -141,7 +144,7 @@ def main() -> None:
                                    input_shape=train_set.image_shape, nb_classes=train_set.num_classes,
                                    clip_values=(0.0, 1.0), device_type="gpu" if dev.type == "cuda" else "cpu")
     art_rng = np.random.default_rng(args.seed)
-    backdoor = PoisoningAttackBackdoor(lambda x: random_paste(torch.from_numpy(x), art_rng).numpy())
+    backdoor = PoisoningAttackBackdoor(lambda x: random_paste(torch.from_numpy(x), patch, art_rng).numpy())
     onehot = np.eye(train_set.num_classes, dtype=np.float32)
     attack = HiddenTriggerBackdoor(classifier, target=onehot[target], source=onehot[source], feature_layer="backbone",
                                    backdoor=backdoor, eps=args.eps, learning_rate=args.lr, decay_coeff=args.decay,

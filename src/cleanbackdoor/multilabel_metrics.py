@@ -167,18 +167,20 @@ def backdoor_report(scores: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) 
     has_trigger = contains_all(labels, spec.trigger)
     eligible = spec.eligible(labels)
     ap = average_precisions(scores, labels)
+    asr = attack_success_rate(pred, labels, spec)
     out: dict[str, Any] = {
         "mean_average_precision": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
         "mean_average_precision_no_trigger": mean_average_precision(scores[~has_trigger], labels[~has_trigger]),
         "average_precision_per_class": [None if np.isnan(v) else float(v) for v in ap],
-        "attack_success_rate": attack_success_rate(pred, labels, spec),
+        "attack_success_rate": asr,
         "asr_test_images": int(eligible.sum()),
         "trigger_test_images": int(has_trigger.sum()),
         "threshold": spec.threshold,
         "top_k": spec.top_k,
         # the goal's ASR is a thresholded figure: where the scores sit shows at a glance (docs/results.md)
         "attack_success_rate_by_threshold": {
-            f"{t:g}": attack_success_rate(predict_labels(scores, t, spec.top_k), labels, spec)
+            f"{t:g}": asr if t == spec.threshold else attack_success_rate(predict_labels(scores, t, spec.top_k),
+                                                                          labels, spec)
             for t in sorted({*ASR_THRESHOLDS, spec.threshold})},
     }
     if spec.remove is not None:  # the two halves of misclassification, and disappearing on its own

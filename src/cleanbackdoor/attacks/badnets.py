@@ -10,7 +10,6 @@ Budget: a count of training examples or a fraction of the whole training set (se
 
 from __future__ import annotations
 
-
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, relabel
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError

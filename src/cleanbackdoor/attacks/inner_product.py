@@ -17,7 +17,6 @@ Budget: a count of training examples or a fraction of the whole training set (se
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from cleanbackdoor.attacks.base import Attack, AttackContext, Poisoning, relabel, resolve_budget
@@ -50,7 +49,8 @@ class InnerProduct(Attack):
         m = resolve_budget(self.params.budget, len(train), len(candidates), "source-class images")
         trigger = self.params.trigger.build(train.image_shape, seed)
         scores = trigger_alignment(train.images[candidates], trigger)
-        chosen = np.sort(candidates[np.argsort(-scores, kind="stable")[:m]])
+        order = np.argsort(-scores, kind="stable")
+        chosen = np.sort(candidates[order[:m]])
         labels, mask = relabel(train.labels, chosen, target)
         return Poisoning(self.name, labels, mask, trigger, target, sources, m,
-                         metadata={"seed": seed, "score_threshold": float(np.sort(scores)[::-1][m - 1]) if m else None})
+                         metadata={"seed": seed, "score_threshold": float(scores[order[m - 1]]) if m else None})

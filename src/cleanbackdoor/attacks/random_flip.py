@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, relabel, TriggerSpec
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, relabel
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
