@@ -49,7 +49,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dataset: str | None = None  # None: the experiment's dataset (name, root and options)
-    root: str | None = None
+    root: str | None = None  # None: the experiment's data root
     options: dict[str, Any] = Field(default_factory=dict)
     classes: list[int | str] | None = Field(None, min_length=2)  # the source task (None: every class)
     per_class: int | None = Field(None, ge=1)  # a seeded class-balanced subset of the source task
@@ -155,6 +155,8 @@ class ExperimentConfig(BaseModel):
         if pretrained is not None and pretrained.dataset is None:  # the source task comes from the same files
             pretrained.dataset, pretrained.root = self.data.name, self.data.root
             pretrained.options = dict(self.data.options)
+        elif pretrained is not None and pretrained.root is None:  # another dataset of the same files (the
+            pretrained.root = self.data.root                      # single images a mosaic set is composed of)
         return self
 
     @property

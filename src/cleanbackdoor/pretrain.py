@@ -17,6 +17,14 @@ victim built on it keeps them), and the source-task test accuracy.
   relabelled 0..k-1 (the victim's task, the source task);
 - :func:`pretrained_model`: the source-task classifier (extractor + source head), from the cache or trained;
 - :func:`victim_from_pretrained`: a victim for a new task: the pretrained extractor and a fresh, seeded head.
+
+The victim's images may be larger than the source task's (the multi-label mosaics of
+:mod:`cleanbackdoor.data.mosaic` are grids of source-sized images): the architecture is then built for the victim's
+size and takes every pretrained backbone weight, which works for fully convolutional backbones (ResNets with global
+pooling, ConvNets without a hidden layer; the head's input size follows the feature map). A backbone whose weights
+depend on the image size (a ConvNet's ``hidden`` layer) is refused. ``model.options.head_hidden`` (the victim's
+head, see :func:`cleanbackdoor.models.make_head`) is the victim's own: the source-task classifier keeps a linear
+head and the same cached extractor serves victims with either head.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from cleanbackdoor.data import ImageSet, load_dataset, select_classes, stratifie
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy
-from cleanbackdoor.models import Classifier, build_model
+from cleanbackdoor.models import Classifier, build_model, make_head
 from cleanbackdoor.training import predict, resolve_device, save_atomic, train
 
 
@@ -53,7 +61,12 @@ def source_task(spec: PretrainConfig) -> tuple[ImageSet, ImageSet]:
 def pretrain_key(model_cfg: ModelConfig) -> str:
     """The cache key of a pretrained extractor: exactly the inputs that produce it."""
     spec = _spec(model_cfg)
-    return stable_key("pretrained", model_cfg.name, model_cfg.options, spec.model_dump(mode="json"))
+    return stable_key("pretrained", model_cfg.name, backbone_options(model_cfg), spec.model_dump(mode="json"))
+
+
+def backbone_options(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture options of the extractor: ``model.options`` without the victim's ``head_hidden``."""
+    return {k: v for k, v in model_cfg.options.items() if k != "head_hidden"}
 
 
 def _spec(model_cfg: ModelConfig) -> PretrainConfig:
@@ -83,7 +96,8 @@ def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, de
     log(f"pretrained extractor: training {model_cfg.name} on {len(train_set)} images of the source task "
         f"({', '.join(train_set.class_names)}), {spec.train.epochs} epochs")
     state: dict[str, Any] = {"class_names": list(train_set.class_names), "mean": list(mean), "std": list(std),
-                             "image_shape": list(train_set.image_shape)}
+                             "image_shape": list(train_set.image_shape), "model": model_cfg.name,
+                             "options": backbone_options(model_cfg)}
     model = _build(model_cfg, state, seed=spec.seed)
     checkpoint = path.with_suffix(".ckpt") if path is not None else None
     if checkpoint is not None:
@@ -104,26 +118,45 @@ def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, de
 def _info(state: dict[str, Any], key: str) -> dict[str, Any]:
     """What a pretrained model remembers of its source task (attribute ``source_task``)."""
     return {"key": key, "class_names": list(state["class_names"]), "image_shape": tuple(state["image_shape"]),
-            "source_test_accuracy": float(state["source_test_accuracy"])}
+            "source_test_accuracy": float(state["source_test_accuracy"]),
+            "model": state.get("model"), "options": dict(state.get("options", {}))}
 
 
 def _build(model_cfg: ModelConfig, state: dict[str, Any], seed: int = 0) -> Classifier:
     torch.manual_seed(seed)
     return build_model(model_cfg.name, tuple(state["image_shape"]), len(state["class_names"]),
-                       tuple(state["mean"]), tuple(state["std"]), **model_cfg.options)
+                       tuple(state["mean"]), tuple(state["std"]), **backbone_options(model_cfg))
 
 
 def victim_from_pretrained(pretrained: Classifier, image_shape: tuple[int, int, int], num_classes: int,
-                           seed: int) -> Classifier:
-    """A victim for a ``num_classes``-way task on (C, H, W) images: a copy of the pretrained extractor (weights and
-    normalization) with a fresh linear head, initialized from ``seed``."""
-    source_shape = tuple(getattr(pretrained, "source_task", {}).get("image_shape", image_shape))
-    if tuple(image_shape) != source_shape:
-        raise ConfigError(f"the pretrained extractor takes {source_shape} images, the victim's data are "
-                          f"{tuple(image_shape)}")
-    model = copy.deepcopy(pretrained).cpu()
+                           seed: int, head_hidden: int = 0) -> Classifier:
+    """A victim for a ``num_classes``-way task on (C, H, W) images: the pretrained extractor (weights and
+    normalization) with a fresh head (linear, or an MLP with ``head_hidden`` units), initialized from ``seed``.
+
+    Images of another height and width than the source task's: the architecture is rebuilt for them and takes
+    every backbone weight of the extractor (ConfigError if one depends on the image size)."""
+    info = getattr(pretrained, "source_task", {})
+    source_shape = tuple(info.get("image_shape", image_shape))
+    image_shape = tuple(image_shape)
+    if image_shape == source_shape:
+        model = copy.deepcopy(pretrained).cpu()
+    else:
+        if image_shape[0] != source_shape[0] or info.get("model") is None:
+            raise ConfigError(f"the pretrained extractor takes {source_shape} images, the victim's data are "
+                              f"{image_shape}")
+        model = build_model(info["model"], image_shape, len(info["class_names"]),
+                            tuple(pretrained.normalize.mean.flatten().tolist()),
+                            tuple(pretrained.normalize.std.flatten().tolist()), **info["options"])
+        source = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
+        target = model.state_dict()
+        misfit = [k for k, v in source.items() if k not in target or target[k].shape != v.shape]
+        if misfit:
+            raise ConfigError(f"the pretrained {info['model']} extractor takes {source_shape} images and its "
+                              f"weights {', '.join(misfit)} depend on that size: it cannot take the victim's "
+                              f"{image_shape} images (use a fully convolutional backbone, e.g. no `hidden` layer)")
+        model.load_state_dict(source, strict=False)
     for p in model.parameters():
         p.requires_grad_(True)
     torch.manual_seed(seed)
-    model.head = torch.nn.Linear(model.head.in_features, num_classes)
+    model.head = make_head(model.backbone.feature_dim, num_classes, head_hidden)
     return model.train()

@@ -214,6 +214,48 @@ def freeze_all_but_head(model: nn.Module) -> None:
 
 
 @dataclass
+class FrozenFeatures:
+    """The frozen extractor's features of a whole training set, for ``train.finetune = "last"``.
+
+    With the backbone frozen in eval mode, the head sees the same features for an image every epoch, so they are
+    computed once: for the image as it is, and for its mirror image when the recipe flips. :meth:`batch` then draws
+    the flips from the training generator exactly as :class:`Augment` does, so the run is the one the full forward
+    pass would give (same random stream, same features up to float rounding). Random crops move every image by a
+    different shift each step and cannot be cached (:meth:`of` returns None: the loop runs the whole model).
+    """
+
+    plain: torch.Tensor  # (N, D)
+    flipped: torch.Tensor | None  # (N, D) when the recipe flips
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, data: torch.Tensor, aug: Augment, batch_size: int = 512) -> FrozenFeatures | None:
+        if aug.crop_padding > 0 or not callable(getattr(model, "features", None)):
+            return None
+        was_training = model.training
+        model.eval()
+
+        def run(flip: bool) -> torch.Tensor:
+            out = []
+            for i in range(0, len(data), batch_size):
+                x = data[i:i + batch_size].float().div_(255.0)
+                out.append(model.features(x.flip(3) if flip else x).float())
+            return torch.cat(out)
+
+        try:
+            return cls(run(False), run(True) if aug.hflip else None)
+        finally:
+            model.train(was_training)
+
+    def batch(self, idx: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+        x = self.plain[idx]
+        if self.flipped is None:
+            return x
+        flip = aug.draw(len(idx), generator).flip.to(x.device)
+        return torch.where(flip.view(-1, 1), self.flipped[idx], x)
+
+
+@dataclass
 class History:
     epoch: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -278,6 +320,8 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         start_epoch = int(state["epoch"])
         hist = state["history"]
         history = History(list(hist["epoch"]), list(hist["loss"]), list(hist["lr"]), list(hist["seconds"]))
+    # fine-tuning the head of a frozen extractor: its features are computed once (per flip) instead of every step
+    frozen = FrozenFeatures.of(model, data, aug) if cfg.finetune == "last" else None
     use_amp = cfg.amp and dev.type == "cuda"
     last_epoch = cfg.epochs if stop_epoch is None else min(cfg.epochs, stop_epoch)
     bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=None if progress else True, leave=False,
@@ -293,14 +337,15 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         for b in range(steps_per_epoch):
             step = epoch * steps_per_epoch + b
             idx = perm[b * bs:(b + 1) * bs]
-            x = data[idx].float().div_(255.0)
-            if not aug.identity:
-                x = aug(x, gen)
+            if frozen is None:
+                x = data[idx].float().div_(255.0)
+                if not aug.identity:
+                    x = aug(x, gen)
             lr = lr_at(cfg, step, steps_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x)
+                out = model(x) if frozen is None else model.head(frozen.batch(idx, aug, gen))
             loss = loss_fn(out.float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

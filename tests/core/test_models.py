@@ -50,3 +50,16 @@ def test_convnet_hidden_layer_feeds_the_head():
     assert build_model("convnet", (3, 32, 32), 10, width=8).head.in_features == 8 * 4 * 4
     with pytest.raises(ConfigError, match="hidden must be >= 0"):
         build_model("convnet", (3, 32, 32), 10, hidden=-1)
+
+
+def test_head_hidden_makes_an_mlp_head():
+    m = build_model("convnet", (3, 16, 16), 4, width=8, head_hidden=12)
+    x = torch.rand(3, 3, 16, 16)
+    assert isinstance(m.head, torch.nn.Sequential)
+    assert [type(layer).__name__ for layer in m.head] == ["Linear", "ReLU", "Linear"]
+    assert m.head[0].in_features == m.backbone.feature_dim and m.head[0].out_features == 12
+    assert m(x).shape == (3, 4)
+    assert torch.allclose(m(x), m.head(m.features(x)))
+    assert isinstance(build_model("convnet", (3, 16, 16), 4, width=8).head, torch.nn.Linear)
+    with pytest.raises(ConfigError, match="head_hidden must be >= 0"):
+        build_model("convnet", (3, 16, 16), 4, head_hidden=-2)

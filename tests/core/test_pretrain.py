@@ -121,3 +121,39 @@ def test_experiment_with_a_pretrained_victim(tmp_path, monkeypatch):
     assert "pretrained extractor: training" in (out / "log.txt").read_text()
     assert main(args[:2] + [str(tmp_path / "run2")] + args[3:]) == 0
     assert "pretrained extractor: loaded from cache" in (tmp_path / "run2" / "log.txt").read_text()
+
+
+def test_victim_on_larger_images_takes_every_backbone_weight(cache):
+    """A mosaic victim (2x2 grids of source-sized images) keeps the fully convolutional extractor: the architecture
+    is rebuilt for its size, every backbone weight is the extractor's, and the head (here an MLP) is fresh."""
+    cfg = _cfg(cache)
+    extractor = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device="cpu", progress=False,
+                                 log=lambda _: None)
+    victim = victim_from_pretrained(extractor, (1, 16, 16), 4, seed=0, head_hidden=8)
+    source = extractor.state_dict()
+    backbone = {k: v for k, v in victim.state_dict().items() if not k.startswith("head.")}
+    assert backbone.keys() == {k for k in source if not k.startswith("head.")}
+    assert all(torch.equal(v, source[k]) for k, v in backbone.items())
+    assert torch.equal(victim.normalize.mean, extractor.normalize.mean)
+    assert victim.head[0].in_features == 16 * 2 * 2 and victim.head[-1].out_features == 4  # a 2x2 feature map
+    assert victim(torch.rand(2, 1, 16, 16)).shape == (2, 4)
+    again = victim_from_pretrained(extractor, (1, 16, 16), 4, seed=0, head_hidden=8)
+    assert all(torch.equal(a, b) for a, b in zip(victim.head.parameters(), again.head.parameters()))  # seeded
+
+
+def test_a_size_dependent_extractor_is_refused_on_other_sizes():
+    torch.manual_seed(0)
+    extractor = build_model("convnet", (1, 8, 8), 5, width=4, hidden=6)
+    extractor.source_task = {"image_shape": (1, 8, 8), "class_names": list("abcde"), "model": "convnet",
+                             "options": {"width": 4, "hidden": 6}}
+    assert victim_from_pretrained(extractor, (1, 8, 8), 3, seed=0).head.in_features == 6  # same size: fine
+    with pytest.raises(ConfigError, match="depend on that size"):
+        victim_from_pretrained(extractor, (1, 16, 16), 3, seed=0)
+
+
+def test_pretrained_root_defaults_to_the_data_root(tmp_path):
+    cfg = load_config(None, ['data={name="digits-mosaic", root="somewhere"}',
+                             'model.pretrained={dataset="digits", train={preset="digits", epochs=1}}'])
+    assert cfg.model.pretrained.root == "somewhere" and cfg.model.pretrained.options == {}
+    head = load_config(None, ['model.options={width=8, head_hidden=16}', PRETRAIN])
+    assert pretrain_key(head.model) == pretrain_key(load_config(None, ['model.options={width=8}', PRETRAIN]).model)

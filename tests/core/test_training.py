@@ -6,8 +6,8 @@ import torch
 
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import (PRESETS, TrainConfig, asymmetric_loss, lr_at, predict, predict_logits, preset,
-                                    train)
+from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, asymmetric_loss, lr_at, predict,
+                                    predict_logits, preset, train)
 
 
 def _toy(n=200, seed=0):
@@ -144,3 +144,38 @@ def test_checkpoint_of_another_run_is_not_resumed(tmp_path, capsys):
     h = train(wide, x, y, TrainConfig(epochs=2, batch_size=16, lr=0.01), seed=0, progress=False, checkpoint=ckpt)
     assert h.epoch == [1, 2]
     assert "checkpoint of a different run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_frozen_features_give_the_run_of_the_full_forward_pass(monkeypatch, hflip):
+    """finetune = "last" computes the frozen extractor's features once (and of the mirror images when the recipe
+    flips); the head must end where the full forward pass every step leaves it, from the same random stream."""
+    x, _ = _toy(96)
+    t = np.random.default_rng(1).integers(0, 2, (96, 3)).astype(np.uint8)
+    cfg = TrainConfig(epochs=3, batch_size=16, optimizer="adam", lr=1e-2, loss="asl", hflip=hflip, finetune="last")
+
+    def run(cached: bool):
+        torch.manual_seed(0)
+        m = build_model("convnet", (1, 8, 8), 3, width=8, head_hidden=6)
+        calls = []
+        if not cached:
+            monkeypatch.setattr(FrozenFeatures, "of", classmethod(lambda cls, *a, **k: calls.append(1)))
+        train(m, x, t, cfg, seed=3, progress=False)
+        monkeypatch.undo()
+        return m, calls
+
+    fast, _ = run(True)
+    slow, calls = run(False)
+    assert calls == [1]  # the second run really took the full path
+    for (k, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_frozen_features_are_not_cached_with_random_crops():
+    x, _ = _toy(8)
+    m = build_model("convnet", (1, 8, 8), 2, width=4)
+    data = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+    assert FrozenFeatures.of(m, data, TrainConfig(crop_padding=2).augment) is None
+    cached = FrozenFeatures.of(m, data, TrainConfig(hflip=True).augment)
+    assert cached.plain.shape == (8, m.backbone.feature_dim) and cached.flipped is not None
+    assert torch.allclose(cached.flipped[:2], m.features(data[:2].float().div(255).flip(3)), atol=1e-6)

@@ -81,3 +81,18 @@ def test_incompatible_attack_and_data_are_refused(tmp_path, monkeypatch, capsys)
     assert main(["run", "--dataset", "digits-mosaic", "--set", "data.options={train_size=50, test_size=20}",
                  "--set", "train.loss='asl'", "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "single-label data" in capsys.readouterr().err
+
+
+def test_transfer_victim_with_a_frozen_extractor_and_an_mlp_head(run):
+    """The authors' victims fine-tune a pretrained backbone. Here the extractor is pretrained on the single digits
+    the mosaics are made of (8x8; true labels), the victim takes it on 16x16 mosaics, frozen, and trains an MLP
+    head on the falsified label sets: the backdoor must take."""
+    m, out = run("misclassification", "--set", 'model.options={width=32, depth=2, head_hidden=128}',
+                 "--set", 'model.pretrained={dataset="digits", train={preset="digits", epochs=10}}',
+                 "--set", 'train={preset="multilabel-asl", epochs=30, lr=3e-3, finetune="last"}')
+    clean = m["clean_model"]
+    log = (out / "log.txt").read_text()
+    assert "pretrained extractor: training convnet on 1257 images" in log  # the digits' training split
+    assert clean["mean_average_precision"] >= 0.85
+    assert m["attack_success_rate"] >= 0.6 and clean["attack_success_rate"] <= 0.1
+    assert m["mean_average_precision"] >= clean["mean_average_precision"] - 0.05

@@ -2,7 +2,11 @@
 
 Every model takes float images in [0, 1], shape (N, C, H, W), and normalizes them itself (a fixed first layer),
 so attacks that work in pixel space (hidden-trigger poisons, feature nudges) never need to know the statistics.
-Each model exposes ``features(x)`` (the penultimate representation) and ``head`` (the final linear layer).
+Each model exposes ``features(x)`` (the backbone's representation) and ``head``: the final linear layer, or with
+``head_hidden`` > 0 a small MLP (linear -> ReLU -> linear). Fine-tuning "the last layer" of a pretrained extractor
+(``train.finetune = "last"``) trains the whole head, so an MLP head lets a transfer-learning victim combine
+features non-linearly (a multi-label victim must, to learn a category-combination trigger) while its backbone
+stays frozen.
 """
 
 from __future__ import annotations
@@ -49,11 +53,11 @@ class Classifier(nn.Module):
     """Normalization + a backbone that maps images to features + a linear head."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], head_hidden: int = 0) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = make_head(feature_dim, num_classes, head_hidden)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
@@ -62,10 +66,22 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def make_head(feature_dim: int, num_classes: int, hidden: int = 0) -> nn.Module:
+    """The classifier's head: ``Linear(feature_dim, num_classes)``, or with ``hidden`` > 0 ``Linear(feature_dim,
+    hidden) -> ReLU -> Linear(hidden, num_classes)``."""
+    if hidden < 0:
+        raise ConfigError(f"head_hidden must be >= 0 (0: a linear head), got {hidden}")
+    if not hidden:
+        return nn.Linear(feature_dim, num_classes)
+    return nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                **options) -> Classifier:
-    """Build the named architecture for images of ``input_shape`` = (C, H, W) and ``num_classes`` outputs."""
+                head_hidden: int = 0, **options) -> Classifier:
+    """Build the named architecture for images of ``input_shape`` = (C, H, W) and ``num_classes`` outputs.
+
+    ``head_hidden``: units of a hidden layer in the head (0: a linear head); ``options`` go to the backbone."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     c, h, w = input_shape
@@ -75,4 +91,4 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
         backbone = MODELS[name](in_channels=c, image_size=(h, w), **options)
     except TypeError as e:  # an option the architecture does not take
         raise ConfigError(f"model {name!r}: {e}") from None
-    return Classifier(backbone, backbone.feature_dim, num_classes, mean, std)
+    return Classifier(backbone, backbone.feature_dim, num_classes, mean, std, head_hidden)
