@@ -82,7 +82,8 @@ def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int, model_cfg: 
         extractor = pretrained_model(model_cfg, cache_dir=cfg.cache_path(), device="cpu", progress=cfg.progress,
                                      log=lambda _: None)
         return victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, seed,
-                                      head_hidden=int(model_cfg.options.get("head_hidden", 0)))
+                                      head_hidden=model_cfg.options.get("head_hidden", 0),
+                                      pool=model_cfg.options.get("pool"))
     mean, std = channel_stats(train_set.images)
     torch.manual_seed(seed)
     return build_model(model_cfg.name, train_set.image_shape, train_set.num_classes, mean, std, **model_cfg.options)

@@ -22,9 +22,10 @@ The victim's images may be larger than the source task's (the multi-label mosaic
 :mod:`cleanbackdoor.data.mosaic` are grids of source-sized images): the architecture is then built for the victim's
 size and takes every pretrained backbone weight, which works for fully convolutional backbones (ResNets with global
 pooling, ConvNets without a hidden layer; the head's input size follows the feature map). A backbone whose weights
-depend on the image size (a ConvNet's ``hidden`` layer) is refused. ``model.options.head_hidden`` (the victim's
-head, see :func:`cleanbackdoor.models.make_head`) is the victim's own: the source-task classifier keeps a linear
-head and the same cached extractor serves victims with either head.
+depend on the image size (a ConvNet's ``hidden`` layer) is refused. Two model options are the victim's own and
+change no backbone weight: ``head_hidden`` (an MLP head, :func:`cleanbackdoor.models.make_head`) and ``pool`` (a
+ResNet's pooling grid, :mod:`cleanbackdoor.models.resnet`). The source-task classifier is pretrained without
+them (a linear head on globally pooled features), so one cached extractor serves victims with any of them.
 """
 
 from __future__ import annotations
@@ -64,9 +65,12 @@ def pretrain_key(model_cfg: ModelConfig) -> str:
     return stable_key("pretrained", model_cfg.name, backbone_options(model_cfg), spec.model_dump(mode="json"))
 
 
+VICTIM_OPTIONS = ("head_hidden", "pool")  # model options of the victim only: they change no backbone weight
+
+
 def backbone_options(model_cfg: ModelConfig) -> dict[str, Any]:
-    """The architecture options of the extractor: ``model.options`` without the victim's ``head_hidden``."""
-    return {k: v for k, v in model_cfg.options.items() if k != "head_hidden"}
+    """The architecture options of the extractor: ``model.options`` without the victim's own (VICTIM_OPTIONS)."""
+    return {k: v for k, v in model_cfg.options.items() if k not in VICTIM_OPTIONS}
 
 
 def _spec(model_cfg: ModelConfig) -> PretrainConfig:
@@ -129,24 +133,26 @@ def _build(model_cfg: ModelConfig, state: dict[str, Any], seed: int = 0) -> Clas
 
 
 def victim_from_pretrained(pretrained: Classifier, image_shape: tuple[int, int, int], num_classes: int,
-                           seed: int, head_hidden: int = 0) -> Classifier:
+                           seed: int, head_hidden: int | list[int] = 0, pool: int | None = None) -> Classifier:
     """A victim for a ``num_classes``-way task on (C, H, W) images: the pretrained extractor (weights and
     normalization) with a fresh head (linear, or an MLP with ``head_hidden`` units), initialized from ``seed``.
 
-    Images of another height and width than the source task's: the architecture is rebuilt for them and takes
-    every backbone weight of the extractor (ConfigError if one depends on the image size)."""
+    Images of another height and width than the source task's, or another pooling grid ``pool`` (ResNets): the
+    architecture is rebuilt for them and takes every backbone weight of the extractor (ConfigError if one depends
+    on the image size)."""
     info = getattr(pretrained, "source_task", {})
     source_shape = tuple(info.get("image_shape", image_shape))
     image_shape = tuple(image_shape)
-    if image_shape == source_shape:
+    if image_shape == source_shape and pool is None:
         model = copy.deepcopy(pretrained).cpu()
     else:
-        if image_shape[0] != source_shape[0] or info.get("model") is None:
+        if image_shape[0] != source_shape[0] or info.get("model") is None:  # older caches lack the architecture
             raise ConfigError(f"the pretrained extractor takes {source_shape} images, the victim's data are "
                               f"{image_shape}")
+        options = {**info["options"], **({} if pool is None else {"pool": pool})}
         model = build_model(info["model"], image_shape, len(info["class_names"]),
                             tuple(pretrained.normalize.mean.flatten().tolist()),
-                            tuple(pretrained.normalize.std.flatten().tolist()), **info["options"])
+                            tuple(pretrained.normalize.std.flatten().tolist()), **options)
         source = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
         target = model.state_dict()
         misfit = [k for k, v in source.items() if k not in target or target[k].shape != v.shape]

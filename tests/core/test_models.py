@@ -61,5 +61,24 @@ def test_head_hidden_makes_an_mlp_head():
     assert m(x).shape == (3, 4)
     assert torch.allclose(m(x), m.head(m.features(x)))
     assert isinstance(build_model("convnet", (3, 16, 16), 4, width=8).head, torch.nn.Linear)
-    with pytest.raises(ConfigError, match="head_hidden must be >= 0"):
-        build_model("convnet", (3, 16, 16), 4, head_hidden=-2)
+    deep = build_model("convnet", (3, 16, 16), 4, width=8, head_hidden=[12, 6])
+    assert [layer.out_features for layer in deep.head if isinstance(layer, torch.nn.Linear)] == [12, 6, 4]
+    for bad in (-2, [12, 0], [12, -1]):
+        with pytest.raises(ConfigError, match="head_hidden must be >= 0"):
+            build_model("convnet", (3, 16, 16), 4, head_hidden=bad)
+
+
+def test_resnet_pooling_grid_keeps_where_things_are():
+    torch.manual_seed(0)
+    glob = build_model("resnet20", (3, 16, 16), 4, width=4)
+    grid = build_model("resnet20", (3, 16, 16), 4, width=4, pool=2)
+    grid.backbone.load_state_dict(glob.backbone.state_dict())  # pooling has no weights
+    glob.eval(), grid.eval()
+    x = torch.rand(2, 3, 16, 16)
+    cells = grid.features(x).view(2, 16, 2, 2)  # (channels, rows, columns) of the 2x2 grid
+    assert grid.backbone.feature_dim == 16 * 4 and grid.head.in_features == 64
+    assert torch.allclose(cells.mean((2, 3)), glob.features(x), atol=1e-6)  # the grid averages to the global pool
+    with pytest.raises(ConfigError, match="pool must be >= 1"):
+        build_model("resnet20", (3, 16, 16), 4, pool=0)
+    with pytest.raises(ConfigError, match="pool"):
+        build_model("convnet", (3, 16, 16), 4, pool=2)  # the ConvNet keeps its whole map already

@@ -157,3 +157,19 @@ def test_pretrained_root_defaults_to_the_data_root(tmp_path):
     assert cfg.model.pretrained.root == "somewhere" and cfg.model.pretrained.options == {}
     head = load_config(None, ['model.options={width=8, head_hidden=16}', PRETRAIN])
     assert pretrain_key(head.model) == pretrain_key(load_config(None, ['model.options={width=8}', PRETRAIN]).model)
+
+
+def test_a_victim_may_pool_the_extractor_over_a_grid():
+    torch.manual_seed(0)
+    extractor = build_model("resnet20", (3, 8, 8), 5, width=4).eval()
+    extractor.source_task = {"image_shape": (3, 8, 8), "class_names": list("abcde"), "model": "resnet20",
+                             "options": {"width": 4}}
+    victim = victim_from_pretrained(extractor, (3, 16, 16), 3, seed=0, pool=2, head_hidden=5).eval()
+    assert victim.backbone.feature_dim == 16 * 4 and victim.head[0].in_features == 64
+    source = extractor.state_dict()
+    assert all(torch.equal(v, source[k]) for k, v in victim.state_dict().items() if not k.startswith("head."))
+    same = victim_from_pretrained(extractor, (3, 8, 8), 3, seed=0, pool=2)  # same size, another grid
+    assert same.backbone.pool == 2 and extractor.backbone.pool == 1
+    grid = load_config(None, ['model={name="resnet20", options={width=4, pool=2, head_hidden=8}}', PRETRAIN])
+    plain = load_config(None, ['model={name="resnet20", options={width=4}}', PRETRAIN])
+    assert pretrain_key(grid.model) == pretrain_key(plain.model)  # one extractor for every victim-side option

@@ -11,7 +11,7 @@ stays frozen.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class Classifier(nn.Module):
     """Normalization + a backbone that maps images to features + a linear head."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], head_hidden: int = 0) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], head_hidden: int | Sequence[int] = 0) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
@@ -66,22 +66,29 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def make_head(feature_dim: int, num_classes: int, hidden: int = 0) -> nn.Module:
-    """The classifier's head: ``Linear(feature_dim, num_classes)``, or with ``hidden`` > 0 ``Linear(feature_dim,
-    hidden) -> ReLU -> Linear(hidden, num_classes)``."""
-    if hidden < 0:
-        raise ConfigError(f"head_hidden must be >= 0 (0: a linear head), got {hidden}")
-    if not hidden:
+def make_head(feature_dim: int, num_classes: int, hidden: int | Sequence[int] = 0) -> nn.Module:
+    """The classifier's head: ``Linear(feature_dim, num_classes)``; with ``hidden`` > 0 ``Linear(feature_dim,
+    hidden) -> ReLU -> Linear(hidden, num_classes)``; a list of sizes stacks that many hidden layers."""
+    sizes = [hidden] if isinstance(hidden, int) else list(hidden)
+    if any(not isinstance(h, int) or h < 0 for h in sizes) or (len(sizes) > 1 and 0 in sizes):
+        raise ConfigError(f"head_hidden must be >= 0 (0: a linear head) or a list of positive sizes, got {hidden}")
+    sizes = [h for h in sizes if h]
+    if not sizes:
         return nn.Linear(feature_dim, num_classes)
-    return nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    layers: list[nn.Module] = []
+    for h in sizes:
+        layers += [nn.Linear(feature_dim, h), nn.ReLU()]
+        feature_dim = h
+    return nn.Sequential(*layers, nn.Linear(feature_dim, num_classes))
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                head_hidden: int = 0, **options) -> Classifier:
+                head_hidden: int | Sequence[int] = 0, **options) -> Classifier:
     """Build the named architecture for images of ``input_shape`` = (C, H, W) and ``num_classes`` outputs.
 
-    ``head_hidden``: units of a hidden layer in the head (0: a linear head); ``options`` go to the backbone."""
+    ``head_hidden``: units of a hidden layer in the head (0: a linear head), or a list of sizes for several;
+    ``options`` go to the backbone."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     c, h, w = input_shape

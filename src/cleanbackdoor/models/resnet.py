@@ -5,6 +5,11 @@
 - :class:`PreActResNet`: the same layout with pre-activation blocks (He et al., "Identity mappings", 2016); FLIP's
   experts use it with LeakyReLU(0.1).
 - :class:`ResNet18`: the CIFAR variant of ResNet-18 (3x3 stem, no max-pool), 64..512 channels.
+
+All end in average pooling of the last feature map: global by default, or over a ``pool`` x ``pool`` grid of
+regions (features of size channels * pool**2), which keeps where things are, e.g. which tile of a multi-label
+mosaic holds which object. Pooling has no weights, so an extractor pretrained with global pooling serves a victim
+that pools over a grid (:func:`cleanbackdoor.pretrain.victim_from_pretrained`).
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ class _StagedResNet(nn.Module):
     preact: bool
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], blocks: list[int], widths: list[int],
-                 act: str = "relu") -> None:
+                 act: str = "relu", pool: int = 1) -> None:
         super().__init__()
+        if pool < 1:
+            raise ConfigError(f"pool must be >= 1 (1: global average pooling), got {pool}")
+        self.pool = pool
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.stem_bn = nn.Identity() if self.preact else nn.BatchNorm2d(widths[0])
         self.stem_act = nn.Identity() if self.preact else activation(act)
@@ -78,12 +86,12 @@ class _StagedResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.final = nn.Sequential(nn.BatchNorm2d(cin), activation(act)) if self.preact else nn.Identity()
-        self.feature_dim = cin
+        self.feature_dim = cin * pool * pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem_act(self.stem_bn(self.stem(x)))
         out = self.final(self.stages(out))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return F.adaptive_avg_pool2d(out, self.pool).flatten(1)
 
 
 def _cifar_blocks(depth: int) -> list[int]:
@@ -97,8 +105,8 @@ class CifarResNet(_StagedResNet):
     preact = False
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 20, width: int = 16,
-                 act: str = "relu") -> None:
-        super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act)
+                 act: str = "relu", pool: int = 1) -> None:
+        super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act, pool)
 
 
 class PreActResNet(_StagedResNet):
@@ -106,13 +114,14 @@ class PreActResNet(_StagedResNet):
     preact = True
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 32, width: int = 16,
-                 act: str = "leaky_relu") -> None:
-        super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act)
+                 act: str = "leaky_relu", pool: int = 1) -> None:
+        super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act, pool)
 
 
 class ResNet18(_StagedResNet):
     block = BasicBlock
     preact = False
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 64, act: str = "relu") -> None:
-        super().__init__(in_channels, image_size, [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], act)
+    def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 64, act: str = "relu",
+                 pool: int = 1) -> None:
+        super().__init__(in_channels, image_size, [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], act, pool)
