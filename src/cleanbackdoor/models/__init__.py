@@ -50,7 +50,7 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Normalization + a backbone that maps images to features + a linear head."""
+    """Normalization + a backbone that maps images to features + a head (linear, or an MLP: :func:`make_head`)."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
                  mean: tuple[float, ...], std: tuple[float, ...], head_hidden: int | Sequence[int] = 0) -> None:
