@@ -52,6 +52,7 @@ from cleanbackdoor.defenses.internal import (
     train_defender_model,
 )
 from cleanbackdoor.errors import ConfigError, DataError
+from cleanbackdoor.pretrain import model_key
 
 DEFAULT_DETECTORS = ("spectral", "activation_clustering", "confident_learning")
 
@@ -401,7 +402,7 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
     context = DefenseContext(model=cfg.model, train=cfg.train, cache_dir=cfg.cache_path(), device=cfg.device,
                              progress=cfg.progress, log=log)
     recipe = defender_recipe(context, None, data.multilabel)
-    key = stable_key("audit-model", fingerprint(data.images, data.labels), cfg.model.model_dump(mode="json"),
+    key = stable_key("audit-model", fingerprint(data.images, data.labels), model_key(cfg.model),
                      recipe.model_dump(mode="json"), seed)
     path = cfg.cache_path() / "audit" / f"model-{key}.pt"
     if path.exists():

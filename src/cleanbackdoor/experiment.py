@@ -30,7 +30,7 @@ from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.models import build_model
 from cleanbackdoor.multilabel_metrics import compare_with_clean, multilabel_fit_rate
 from cleanbackdoor.data.subset import select_classes
-from cleanbackdoor.pretrain import pretrained_model, victim_from_pretrained
+from cleanbackdoor.pretrain import model_key, pretrained_model, victim_from_pretrained
 from cleanbackdoor.training import predict, resolve_device, save_atomic, train
 
 
@@ -93,13 +93,21 @@ def train_model(cfg: ExperimentConfig, train_set: ImageSet, images: np.ndarray, 
                 desc: str, checkpoint: Path | None = None, checkpoint_key: str = "") -> nn.Module:
     model = new_model(cfg, train_set, cfg.seed)
     train(model, images, targets, cfg.train, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
-          desc=desc, checkpoint=checkpoint, checkpoint_key=checkpoint_key)
+          desc=desc, checkpoint=checkpoint, checkpoint_key=checkpoint_key, feature_cache=feature_cache(cfg))
     return model
 
 
+def feature_cache(cfg: ExperimentConfig) -> Path:
+    """Where a frozen extractor's features are kept (``train.finetune = "last"``): shared by the clean model and
+    the victim, which train on the same images (:class:`cleanbackdoor.training.FrozenFeatures`)."""
+    return cfg.cache_path() / "features"
+
+
+
 def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str], None]) -> tuple[nn.Module, bool]:
-    """The clean model for this data, architecture, recipe and seed: from the cache, or trained and cached."""
-    key = stable_key("clean-model", cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"),
+    """The clean model for this data, architecture, recipe and seed: from the cache, or trained and cached. The key
+    holds the training set's bytes (not the data root as written), the model, the recipe and the seed."""
+    key = stable_key("clean-model", fingerprint(train_set.images, train_set.labels), model_key(cfg.model),
                      cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
     path = cfg.cache_path() / "models" / f"clean-{key}.pt"
     model = new_model(cfg, train_set, cfg.seed)
@@ -109,7 +117,7 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
         log(f"clean model: loaded from cache {path}")
         return model, True
     train(model, train_set.images, train_set.labels, cfg.train, seed=cfg.seed, device=cfg.device,
-          progress=cfg.progress, desc="clean model")
+          progress=cfg.progress, desc="clean model", feature_cache=feature_cache(cfg))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, path)
     return model, False

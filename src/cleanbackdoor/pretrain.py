@@ -5,9 +5,10 @@ feature extractor trained on another task and fine-tunes it on its own data, the
 setting) or the whole network. No weights are downloaded here: the toolkit trains the extractor itself on a
 *source task*, ``model.pretrained`` in the config (:class:`~cleanbackdoor.config.PretrainConfig`): the victim's
 architecture trained on some classes of a dataset (e.g. the CIFAR-10 classes other than the attacked ones), with
-its own recipe and seed. The result is cached under a key of exactly those inputs (architecture, source data,
-classes, subset, recipe, seed), like the clean model of an experiment, so every run, attack and budget that names
-the same source task trains it once; pretraining resumes from its last epoch after an interruption.
+its own recipe and seed. The result is cached under a key of exactly those inputs (architecture, source data as a
+hash of its files, classes, subset, recipe, seed), like the clean model of an experiment, so every run, attack and
+budget that names the same source task trains it once, however its root is written; pretraining resumes from its
+last epoch after an interruption.
 
 The cached file holds plain tensors and numbers (``torch.load(..., weights_only=True)``): the weights, the source
 task's class names, the normalization statistics of the source data (the extractor was trained with them, so a
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from cleanbackdoor.config import ModelConfig, PretrainConfig, stable_key
-from cleanbackdoor.data import ImageSet, load_dataset, select_classes, stratified_subset
+from cleanbackdoor.data import ImageSet, load_dataset, select_classes, source_fingerprint, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy
@@ -60,9 +61,22 @@ def source_task(spec: PretrainConfig) -> tuple[ImageSet, ImageSet]:
 
 
 def pretrain_key(model_cfg: ModelConfig) -> str:
-    """The cache key of a pretrained extractor: exactly the inputs that produce it."""
+    """The cache key of a pretrained extractor: exactly the inputs that produce it. The source data enters as a
+    hash of its files (:func:`~cleanbackdoor.data.source_fingerprint`), not as the root is written."""
     spec = _spec(model_cfg)
-    return stable_key("pretrained", model_cfg.name, backbone_options(model_cfg), spec.model_dump(mode="json"))
+    if spec.dataset is None:
+        raise ConfigError("model.pretrained.dataset is not resolved (load the config with load_config)")
+    source = {**spec.model_dump(mode="json"), "root": source_fingerprint(spec.dataset, spec.root)}
+    return stable_key("pretrained", model_cfg.name, backbone_options(model_cfg), source)
+
+
+def model_key(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The model config as it enters the cache keys of models trained with it: a pretrained extractor stands as
+    its own cache key (which hashes the source data's files instead of naming its root)."""
+    out = model_cfg.model_dump(mode="json")
+    if model_cfg.pretrained is not None:
+        out["pretrained"] = pretrain_key(model_cfg)
+    return out
 
 
 VICTIM_OPTIONS = ("head_hidden", "pool")  # model options of the victim only: they change no backbone weight

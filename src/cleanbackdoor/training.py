@@ -11,6 +11,7 @@ Targets can be hard labels (int64, (N,)), soft labels (float, (N, C): distillati
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -222,6 +223,12 @@ class FrozenFeatures:
     the flips from the training generator exactly as :class:`Augment` does, so the run is the one the full forward
     pass would give (same random stream, same features up to float rounding). Random crops move every image by a
     different shift each step and cannot be cached (:meth:`of` returns None: the loop runs the whole model).
+
+    With a ``cache_dir`` the features are also kept on disk, under a key of the extractor (its modules other than
+    the head, as ``repr`` shows them, and their weights and buffers) and of the images' bytes: the clean model and
+    the victim of a run, which differ only in their labels, and every later run on the same images and extractor
+    compute them once. Before a cached file is used, the features of its first images are computed again and
+    compared, so a key that misses some part of an unusual extractor costs a recomputation, never wrong features.
     """
 
     plain: torch.Tensor  # (N, D)
@@ -229,23 +236,68 @@ class FrozenFeatures:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model: nn.Module, data: torch.Tensor, aug: Augment, batch_size: int = 512) -> FrozenFeatures | None:
+    def of(cls, model: nn.Module, data: torch.Tensor, aug: Augment, batch_size: int = 512,
+           cache_dir: str | Path | None = None) -> FrozenFeatures | None:
         if aug.crop_padding > 0 or not callable(getattr(model, "features", None)):
             return None
         was_training = model.training
         model.eval()
 
-        def run(flip: bool) -> torch.Tensor:
+        def run(flip: bool, stop: int | None = None) -> torch.Tensor:
             out = []
-            for i in range(0, len(data), batch_size):
-                x = data[i:i + batch_size].float().div_(255.0)
+            part = data[:stop]
+            for i in range(0, len(part), batch_size):
+                x = part[i:i + batch_size].float().div_(255.0)
                 out.append(model.features(x.flip(3) if flip else x).float())
             return torch.cat(out)
 
+        path = Path(cache_dir) / f"features-{cls.key(model, data)}.pt" if cache_dir is not None else None
         try:
-            return cls(run(False), run(True) if aug.hflip else None)
+            cached = cls._load(path, data.device, run) if path is not None else None
+            if cached is not None and (cached.flipped is not None or not aug.hflip):
+                return cls(cached.plain, cached.flipped if aug.hflip else None)
+            plain = cached.plain if cached is not None else run(False)
+            result = cls(plain, run(True) if aug.hflip else None)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_atomic({"plain": result.plain.cpu(), "flipped": None if result.flipped is None
+                             else result.flipped.cpu()}, path)
+            return result
         finally:
             model.train(was_training)
+
+    @staticmethod
+    def key(model: nn.Module, data: torch.Tensor) -> str:
+        """What the features depend on: the extractor's structure, weights and buffers (all but the head), and the
+        images."""
+        h = hashlib.sha256()
+        for name, child in model.named_children():
+            if name != "head":
+                h.update(f"{name}:{child!r}".encode())
+        for name, value in model.state_dict().items():
+            if not name.startswith("head."):
+                h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        h.update(data.cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def _load(cls, path: Path, device: torch.device,
+              run: Callable[..., torch.Tensor], probe: int = 4) -> FrozenFeatures | None:
+        """The features cached at ``path``, if they hold for the first ``probe`` images computed afresh."""
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location=device, weights_only=True)
+        cached = cls(state["plain"], state.get("flipped"))
+        for flip, feats in ((False, cached.plain), (True, cached.flipped)):
+            if feats is not None:
+                fresh = run(flip, probe)
+                if feats.shape[1:] != fresh.shape[1:] or not torch.allclose(
+                        feats[:probe], fresh, rtol=1e-3, atol=1e-4 * (1.0 + float(fresh.abs().max()))):
+                    print(f"{path}: cached features do not match this extractor, computing them again", flush=True)
+                    return None
+        return cached
 
     def batch(self, idx: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
         x = self.plain[idx]
@@ -272,7 +324,8 @@ StepHook = Callable[[int, nn.Module, torch.optim.Optimizer], None]
 def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tensor, cfg: TrainConfig, *,
           seed: int = 0, device: str | torch.device | None = "auto", progress: bool = True,
           desc: str = "train", on_step: StepHook | None = None, on_epoch_end: StepHook | None = None,
-          checkpoint: str | Path | None = None, checkpoint_key: str = "", stop_epoch: int | None = None) -> History:
+          checkpoint: str | Path | None = None, checkpoint_key: str = "", stop_epoch: int | None = None,
+          feature_cache: str | Path | None = None) -> History:
     """Train ``model`` in place on uint8 ``images`` (N, H, W, C) with ``targets`` under recipe ``cfg``.
 
     ``on_step(step, model, optimizer)`` is called before every optimizer step (FLIP's experts save their
@@ -281,6 +334,8 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
     from it and finishes exactly as an uninterrupted run with the same seed would. ``checkpoint_key`` names the
     run's inputs: a checkpoint written under another key (another recipe, model or data) is ignored and replaced.
     ``stop_epoch``: stop after this many epochs, with the learning-rate schedule still that of the whole recipe.
+    ``feature_cache``: a folder where ``finetune = "last"`` keeps the frozen extractor's features
+    (:class:`FrozenFeatures`), for the next model trained on the same images with the same extractor.
     """
     dev = resolve_device(device)
     n = len(images)
@@ -321,7 +376,7 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         hist = state["history"]
         history = History(list(hist["epoch"]), list(hist["loss"]), list(hist["lr"]), list(hist["seconds"]))
     # fine-tuning the head of a frozen extractor: its features are computed once (per flip) instead of every step
-    frozen = FrozenFeatures.of(model, data, aug) if cfg.finetune == "last" else None
+    frozen = FrozenFeatures.of(model, data, aug, cache_dir=feature_cache) if cfg.finetune == "last" else None
     use_amp = cfg.amp and dev.type == "cuda"
     last_epoch = cfg.epochs if stop_epoch is None else min(cfg.epochs, stop_epoch)
     bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=None if progress else True, leave=False,

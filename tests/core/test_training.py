@@ -179,3 +179,58 @@ def test_frozen_features_are_not_cached_with_random_crops():
     cached = FrozenFeatures.of(m, data, TrainConfig(hflip=True).augment)
     assert cached.plain.shape == (8, m.backbone.feature_dim) and cached.flipped is not None
     assert torch.allclose(cached.flipped[:2], m.features(data[:2].float().div(255).flip(3)), atol=1e-6)
+
+
+class _Counting:
+    """Counts the images a model's ``features`` sees."""
+
+    def __init__(self, model):
+        self.seen, inner = [], model.features
+
+        def features(x):
+            self.seen.append(len(x))
+            return inner(x)
+
+        model.features = features
+
+
+def test_frozen_features_are_kept_on_disk_for_the_next_model_on_the_same_images(tmp_path, capsys):
+    """The clean model and the victim of a run train on the same images with the same frozen extractor: the second
+    reads the features from the cache (checking them on 4 images), whatever its head; another extractor, other
+    weights, another pooling grid or other images compute them afresh; wrong cached features are recomputed."""
+    x, _ = _toy(40)
+    data = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
+    flips = TrainConfig(hflip=True).augment
+
+    def model(seed=0, **options):
+        torch.manual_seed(seed)
+        return build_model("resnet20", (1, 8, 8), 2, width=4, **options)
+
+    first = model()
+    count = _Counting(first)
+    stored = FrozenFeatures.of(first, data, flips, batch_size=16, cache_dir=tmp_path)
+    assert sum(count.seen) == 80 and len(list(tmp_path.glob("features-*.pt"))) == 1
+    other_head = model(head_hidden=7)  # same extractor weights (same seed), another head: a cache hit
+    count = _Counting(other_head)
+    again = FrozenFeatures.of(other_head, data, flips, cache_dir=tmp_path)
+    assert count.seen == [4, 4]  # the probe, plain and mirrored
+    assert torch.equal(again.plain, stored.plain) and torch.equal(again.flipped, stored.flipped)
+    plain_only = FrozenFeatures.of(model(), data, TrainConfig().augment, cache_dir=tmp_path)
+    assert plain_only.flipped is None and torch.equal(plain_only.plain, stored.plain)
+    key = FrozenFeatures.key(first, data)
+    assert FrozenFeatures.key(model(head_hidden=7), data) == key
+    assert FrozenFeatures.key(model(seed=1), data) != key  # other weights
+    assert FrozenFeatures.key(model(pool=2), data) != key  # same weights, another pooling grid
+    assert FrozenFeatures.key(first, data.flip(2)) != key  # other images
+    # a cached file that does not hold for this extractor is not used
+    torch.save({"plain": stored.plain + 1.0, "flipped": stored.flipped}, tmp_path / f"features-{key}.pt")
+    count = _Counting(first)
+    fixed = FrozenFeatures.of(first, data, flips, batch_size=40, cache_dir=tmp_path)
+    assert "do not match" in capsys.readouterr().out and count.seen == [4, 40, 40]
+    assert torch.allclose(fixed.plain, stored.plain)
+    # a cache of plain features only gains the mirrored ones when a recipe flips
+    torch.save({"plain": stored.plain, "flipped": None}, tmp_path / f"features-{key}.pt")
+    count = _Counting(first)
+    both = FrozenFeatures.of(first, data, flips, batch_size=40, cache_dir=tmp_path)
+    assert count.seen == [4, 40] and torch.allclose(both.flipped, stored.flipped)
+    assert torch.load(tmp_path / f"features-{key}.pt", weights_only=True)["flipped"] is not None

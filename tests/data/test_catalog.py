@@ -102,3 +102,31 @@ def test_mnist_png_tree_with_csv_files(tmp_path):
     splits = load_dataset("mnist", root=root)
     assert splits.train.images.shape == (10, 28, 28, 1) and list(splits.train.labels) == list(range(10))
     assert splits.test.class_names == tuple("0123456789")
+
+
+def test_source_fingerprint_follows_the_files_not_how_the_root_is_written(tmp_path, monkeypatch):
+    """Cache keys (pretrained extractors, clean models) name the source data by this hash: the same archive
+    named by a relative path, an absolute path, a link or $CLEANBACKDOOR_DATA is one source; other bytes another."""
+    from cleanbackdoor.data import source_fingerprint
+
+    root = write_cifar10(tmp_path / "data" / "cifar-10-batches-py")
+    absolute = source_fingerprint("cifar10", root)
+    monkeypatch.chdir(tmp_path)
+    assert source_fingerprint("cifar10", "data/cifar-10-batches-py") == absolute
+    assert source_fingerprint("cifar10-mosaic", "./data/../data/cifar-10-batches-py") == absolute
+    (tmp_path / "link").symlink_to(root)
+    assert source_fingerprint("cifar10", tmp_path / "link") == absolute
+    monkeypatch.setenv("CLEANBACKDOOR_DATA", str(tmp_path / "data"))
+    assert source_fingerprint("cifar10") == absolute
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}))
+    assert source_fingerprint("cifar10", root) != absolute  # other bytes
+    tar = tmp_path / "a.tar"
+    tar.write_bytes(b"archive bytes")
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes(b"archive bytes")
+    assert source_fingerprint("cifar10", tar) == source_fingerprint("cifar10", copy)
+    assert source_fingerprint("digits") is None and source_fingerprint("digits-mosaic", "anything") is None
+    with pytest.raises(DataError, match="does not exist"):
+        source_fingerprint("cifar10", tmp_path / "absent")
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        source_fingerprint("imagenet")

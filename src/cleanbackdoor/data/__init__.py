@@ -9,7 +9,7 @@ Nothing here downloads anything.
 """
 
 from cleanbackdoor.data.archive import extract_archive
-from cleanbackdoor.data.catalog import DATASETS, load_dataset
+from cleanbackdoor.data.catalog import DATASETS, load_dataset, source_fingerprint
 from cleanbackdoor.data.cifar import RestrictedUnpickler, load_cifar10, load_cifar100
 from cleanbackdoor.data.coco import load_coco, load_coco_splits
 from cleanbackdoor.data.digits import load_digits
@@ -33,6 +33,7 @@ __all__ = [
     "load_coco",
     "load_coco_splits",
     "load_dataset",
+    "source_fingerprint",
     "load_digits",
     "load_folder_splits",
     "load_image_folder",

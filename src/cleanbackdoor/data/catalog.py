@@ -7,6 +7,8 @@ tree, or a tar archive of any of these) and hands it to the loader for that form
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -198,3 +200,36 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS)
     return DATASETS[name](root, **options)
+
+
+def source_fingerprint(name: str, root: str | Path | None = None) -> str | None:
+    """A hash of the files catalog dataset ``name`` is read from (the resolved ``root``; a mosaic set's source),
+    for cache keys that must not change with how the root is written (relative or absolute, a link, another copy
+    of the same archive). None for a dataset that ships with a library (``digits``)."""
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    source = name.removesuffix("-mosaic")
+    if source == "digits":
+        return None
+    path = _resolve_root(source, root).resolve()
+    if path.is_file():
+        return _file_hash(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}:{_file_hash(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    stat = path.stat()
+    return _hash_bytes(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash_bytes(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes: once per process for a file of this size and modification time."""
+    h = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

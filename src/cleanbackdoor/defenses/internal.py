@@ -14,6 +14,7 @@ from cleanbackdoor.data.transforms import channel_stats, to_tensor
 from cleanbackdoor.defenses.base import DefenseContext
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
+from cleanbackdoor.pretrain import model_key
 from cleanbackdoor.training import predict_logits, train
 
 
@@ -82,8 +83,9 @@ def train_defender_model(data: ImageSet, index: np.ndarray, recipe, *, seed: int
         torch.manual_seed(seed)
         model = build_model(context.model.name, data.image_shape, data.num_classes, mean, std,
                             **context.model.options)
+    features = Path(context.cache_dir) / "features" if context.cache_dir else None  # a frozen extractor's
     train(model, data.images[index], data.labels[index], recipe, seed=seed, device=context.device,
-          progress=context.progress, desc=desc)
+          progress=context.progress, desc=desc, feature_cache=features)
     return model
 
 
@@ -131,7 +133,7 @@ def cross_val_probabilities(data: ImageSet, *, folds: int, seed: int, context: D
         if smallest < folds:
             raise ConfigError(f"cross-validation with {folds} folds needs at least {folds} examples of every given "
                               f"class; the smallest class has {smallest}")
-    key = stable_key("cv-probabilities", fingerprint(data.images, labels), context.model.model_dump(mode="json"),
+    key = stable_key("cv-probabilities", fingerprint(data.images, labels), model_key(context.model),
                      recipe.model_dump(mode="json"), folds, seed)
     path = _cache_file(context, "cv", key)
     cached = load_cached(path, context, "cross-validated probabilities")
@@ -155,7 +157,7 @@ def held_out_probabilities(data: ImageSet, held_out: np.ndarray, *, seed: int, c
     boolean mask): out-of-sample for the held-out examples, in-sample for the rest. Cached like the above."""
     recipe = defender_recipe(context, epochs, data.multilabel)
     key = stable_key("held-out-probabilities", fingerprint(data.images, data.labels, held_out),
-                     context.model.model_dump(mode="json"), recipe.model_dump(mode="json"), seed)
+                     model_key(context.model), recipe.model_dump(mode="json"), seed)
     path = _cache_file(context, "heldout", key)
     cached = load_cached(path, context, "held-out probabilities")
     if cached is not None:

@@ -88,6 +88,9 @@ class _StagedResNet(nn.Module):
         self.final = nn.Sequential(nn.BatchNorm2d(cin), activation(act)) if self.preact else nn.Identity()
         self.feature_dim = cin * pool * pool
 
+    def extra_repr(self) -> str:  # the pooling grid has no weights: repr shows it (a key of cached features)
+        return f"pool={self.pool}, feature_dim={self.feature_dim}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem_act(self.stem_bn(self.stem(x)))
         out = self.final(self.stages(out))
