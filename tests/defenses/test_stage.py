@@ -10,6 +10,7 @@ from cleanbackdoor import experiment
 from cleanbackdoor.cli import main
 from cleanbackdoor.config import load_config
 from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.report import percent
 
 FAST = ["train.epochs=5", "examples=0", "clean_baseline=false", "progress=false"]
 
@@ -77,6 +78,10 @@ def test_defense_table_runs_reuses_and_defends_an_existing_run(tmp_path, monkeyp
     assert [r["attack"] for r in table["rows"]] == ["badnets"]
     md = (out / "table.md").read_text()
     assert "| badnets (126 changed, 10.0%)" in md and "AUC" in md and "FRR" in md
+    row = table["rows"][0]
+    assert f"ASR {percent(row['attack_success_rate'])} (noT {percent(row['asr_without_trigger'])}) / CTA" in md
+    after = row["defenses"]["spectral"]["after_removal"]
+    assert f"ASR {percent(after['attack_success_rate'])} (noT {percent(after['asr_without_trigger'])})" in md
     capsys.readouterr()
     assert main(argv) == 0  # the second time: reused, nothing trained
     assert "reused from" in capsys.readouterr().out
