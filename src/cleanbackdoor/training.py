@@ -277,9 +277,9 @@ class FrozenFeatures:
         for name, value in model.state_dict().items():
             if not name.startswith("head."):
                 h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
-                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         h.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        h.update(data.cpu().contiguous().numpy().tobytes())
+        h.update(data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:16]
 
     @classmethod
