@@ -103,7 +103,6 @@ def feature_cache(cfg: ExperimentConfig) -> Path:
     return cfg.cache_path() / "features"
 
 
-
 def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str], None]) -> tuple[nn.Module, bool]:
     """The clean model for this data, architecture, recipe and seed: from the cache, or trained and cached. The key
     holds the training set's bytes (not the data root as written), the model, the recipe and the seed."""

@@ -33,7 +33,6 @@ __all__ = [
     "load_coco",
     "load_coco_splits",
     "load_dataset",
-    "source_fingerprint",
     "load_digits",
     "load_folder_splits",
     "load_image_folder",
@@ -45,5 +44,6 @@ __all__ = [
     "mosaic_splits",
     "read_idx",
     "select_classes",
+    "source_fingerprint",
     "stratified_subset",
 ]
