@@ -123,3 +123,20 @@ def test_table_rows_need_defenses(tmp_path, capsys):
 def test_list_defenses(capsys):
     assert main(["list", "defenses"]) == 0
     assert capsys.readouterr().out.split() == ["activation_clustering", "confident_learning", "spectral", "strip"]
+
+
+def test_table_rows_key_the_data_by_their_files(tmp_path, monkeypatch):
+    """A row names its data by a hash of the files: the same folder written relative or absolute is one experiment
+    (its run is reused), another folder's bytes another."""
+    from cleanbackdoor.defenses.table import experiment_key
+
+    root = tmp_path / "data" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    (root / "data_batch_1").write_bytes(b"some bytes")
+    monkeypatch.chdir(tmp_path)
+    key = experiment_key(load_config(None, ['data={name="cifar10", root="data/cifar-10-batches-py"}']))
+    assert experiment_key(load_config(None, [f'data={{name="cifar10", root="{root}"}}'])) == key
+    (root / "data_batch_1").write_bytes(b"other bytes")
+    assert experiment_key(load_config(None, [f'data={{name="cifar10", root="{root}"}}'])) != key
+    missing = load_config(None, ['data={name="cifar10", root="nowhere"}'])
+    assert experiment_key(missing) != key  # no files: the key keeps the root as written

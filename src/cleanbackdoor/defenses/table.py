@@ -4,7 +4,8 @@ Every row is an ordinary experiment with a ``defenses = [...]`` key, measured by
 (:func:`cleanbackdoor.defenses.stage.run_defenses`). Rows are expensive, so nothing is computed twice:
 
 1. a row whose result is already in ``OUT/rows/<name>.json`` under the same key (the resolved config, defenses
-   included, less the keys that do not change results: out, progress, device, examples, cache_dir) is reused;
+   included, less the keys that do not change results: out, progress, device, examples, cache_dir; the data
+   root as a hash of its files) is reused;
 2. a row whose experiment folder (``out`` of its config) already holds a complete run of the same experiment
    (same config less those keys and ``defenses``) keeps that run's victim, poisoning and figures: only the
    defenses run (and retrain), and the run folder is left untouched;
@@ -28,15 +29,24 @@ import numpy as np
 import torch
 
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config, stable_key
+from cleanbackdoor.data import source_fingerprint
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.experiment import to_json_value
+from cleanbackdoor.pretrain import model_key
 from cleanbackdoor.report import percent
 
 VOLATILE = ("out", "progress", "device", "examples", "cache_dir")
 
 
 def experiment_key(cfg: ExperimentConfig, with_defenses: bool = True) -> str:
+    """What a row's figures depend on: the config less VOLATILE, its data (and a pretrained extractor's source
+    data) as hashes of their files where they resolve, so that another spelling of the same root reuses the run."""
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in VOLATILE}
+    try:
+        d["data"] = {**d["data"], "root": source_fingerprint(cfg.data.name, cfg.data.root)}
+        d["model"] = model_key(cfg.model)
+    except (ConfigError, DataError):  # the data are not there: the key keeps the root as written
+        pass
     if not with_defenses:
         d.pop("defenses", None)
     return stable_key("experiment", d)
