@@ -6,8 +6,8 @@ import torch
 
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, asymmetric_loss, lr_at, predict,
-                                    predict_logits, preset, train)
+from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, WeightAverage, asymmetric_loss, lr_at,
+                                    predict, predict_logits, preset, train)
 
 
 def _toy(n=200, seed=0):
@@ -74,9 +74,10 @@ def test_soft_labels_equal_hard_labels_when_one_hot():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_gives_the_uninterrupted_result(tmp_path, ema):
     x, y = _toy(96)
-    full = TrainConfig(epochs=4, batch_size=16, lr=0.05, crop_padding=1)
+    full = TrainConfig(epochs=4, batch_size=16, lr=0.05, crop_padding=1, ema=ema)
     m_full = _model()
     train(m_full, x, y, full, seed=2, progress=False)
     # "interrupted" run: stop after 2 epochs by running a 4-epoch recipe whose loop we cut with an exception
@@ -234,3 +235,34 @@ def test_frozen_features_are_kept_on_disk_for_the_next_model_on_the_same_images(
     both = FrozenFeatures.of(first, data, flips, batch_size=40, cache_dir=tmp_path)
     assert count.seen == [4, 40] and torch.allclose(both.flipped, stored.flipped)
     assert torch.load(tmp_path / f"features-{key}.pt", weights_only=True)["flipped"] is not None
+
+
+def test_weight_average_by_hand():
+    """d_t = min(decay, (1 + t) / (10 + t)): 0.1, 2/11, 0.25 for the first three updates (decay 0.5), so weights
+    1, 2, 3 after a start at 0 average to 0.9, then 2/11 * 0.9 + 9/11 * 2 = 1.8, then 0.25 * 1.8 + 0.75 * 3 = 2.7."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    average = WeightAverage(model, decay=0.5)
+    for w, expected in [(1.0, 0.9), (2.0, 1.8), (3.0, 2.7)]:
+        model.weight.data.fill_(w)
+        average.update(model)
+        assert average.state["weight"].item() == pytest.approx(expected)
+    model.weight.data.fill_(5.0)
+    average.copy_to(model)
+    assert model.weight.item() == pytest.approx(2.7)
+
+
+def test_training_with_a_weight_average_ends_with_the_average():
+    x, y = _toy(64)
+    plain, averaged = _model(), _model()
+    train(plain, x, y, TrainConfig(epochs=3, batch_size=16), seed=0, progress=False)
+    seen = []
+    train(averaged, x, y, TrainConfig(epochs=3, batch_size=16, ema=0.99), seed=0, progress=False,
+          on_epoch_end=lambda epoch, m, opt: seen.append({k: v.clone() for k, v in m.state_dict().items()}))
+    last = seen[-1]  # the raw weights after the last epoch are those of the plain run (same seed, same steps)
+    assert all(torch.allclose(v, plain.state_dict()[k]) for k, v in last.items())
+    moved = [k for k, v in averaged.state_dict().items() if v.is_floating_point() and not torch.equal(v, last[k])]
+    assert moved  # the model ends with the average, not the last weights
+    assert "ema" not in TrainConfig().model_dump() and TrainConfig(ema=0.5).model_dump()["ema"] == 0.5
+    with pytest.raises(ValueError):
+        TrainConfig(ema=1.0)
