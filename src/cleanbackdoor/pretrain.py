@@ -49,8 +49,7 @@ from cleanbackdoor.training import predict, resolve_device, save_atomic, train
 
 def source_task(spec: PretrainConfig) -> tuple[ImageSet, ImageSet]:
     """The (train, test) sets of the source task a :class:`PretrainConfig` names."""
-    if spec.dataset is None:
-        raise ConfigError("model.pretrained.dataset is not resolved (load the config with load_config)")
+    _require_resolved(spec)
     splits = load_dataset(spec.dataset, root=spec.root, **spec.options)
     train_set, test_set = splits.train, splits.test
     if spec.classes is not None:
@@ -64,8 +63,6 @@ def pretrain_key(model_cfg: ModelConfig) -> str:
     """The cache key of a pretrained extractor: exactly the inputs that produce it. The source data enters as a
     hash of its files (:func:`~cleanbackdoor.data.source_fingerprint`), not as the root is written."""
     spec = _spec(model_cfg)
-    if spec.dataset is None:
-        raise ConfigError("model.pretrained.dataset is not resolved (load the config with load_config)")
     source = {**spec.model_dump(mode="json"), "root": source_fingerprint(spec.dataset, spec.root)}
     return stable_key("pretrained", model_cfg.name, backbone_options(model_cfg), source)
 
@@ -90,7 +87,13 @@ def backbone_options(model_cfg: ModelConfig) -> dict[str, Any]:
 def _spec(model_cfg: ModelConfig) -> PretrainConfig:
     if model_cfg is None or model_cfg.pretrained is None:
         raise ConfigError("no pretrained extractor is configured (model.pretrained)")
-    return model_cfg.pretrained
+    return _require_resolved(model_cfg.pretrained)
+
+
+def _require_resolved(spec: PretrainConfig) -> PretrainConfig:
+    if spec.dataset is None:
+        raise ConfigError("model.pretrained.dataset is not resolved (load the config with load_config)")
+    return spec
 
 
 def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, device: str = "auto",

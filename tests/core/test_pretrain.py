@@ -11,7 +11,8 @@ from cleanbackdoor.config import ModelConfig, load_config
 from cleanbackdoor.data import ImageSet, load_dataset
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
-from cleanbackdoor.pretrain import pretrain_key, pretrained_model, select_classes, victim_from_pretrained
+from cleanbackdoor.pretrain import (pretrain_key, pretrained_model, select_classes, source_task,
+                                   victim_from_pretrained)
 from cleanbackdoor.training import TrainConfig, train
 
 PRETRAIN = 'model.pretrained={classes=[0, 1, 2, 3, 4], train={preset="digits", epochs=8}}'
@@ -69,6 +70,11 @@ def test_pretrained_model_is_cached_under_its_inputs(cache):
     assert pretrain_key(other.model) != pretrain_key(cfg.model)
     with pytest.raises(ConfigError, match="no pretrained"):
         pretrain_key(ModelConfig())
+    unresolved = ModelConfig(pretrained={"classes": [0, 1]})  # built directly, not through load_config
+    with pytest.raises(ConfigError, match="not resolved"):
+        pretrain_key(unresolved)
+    with pytest.raises(ConfigError, match="not resolved"):
+        source_task(unresolved.pretrained)
 
 
 def test_victim_keeps_the_extractor_and_fine_tuning_the_last_layer_trains_only_the_head(cache):
