@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -79,10 +80,21 @@ def test_extract_is_cached_and_reused(tmp_path, dataset_cache, monkeypatch):
     assert extract_archive(archive) == first
     monkeypatch.undo()
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(dataset_cache))
-    # a changed archive (new mtime) gets a new entry
-    os.utime(archive, ns=(1, 1))
+    # the entry follows the archive's bytes: a copy elsewhere, with a fresh modification time, finds it ...
+    copy = tmp_path / "elsewhere" / "thing.tgz"
+    copy.parent.mkdir()
+    shutil.copyfile(archive, copy)
+    os.utime(copy, ns=(1, 1))
+    monkeypatch.setattr(tarfile, "open", no_open)
+    assert extract_archive(copy) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(dataset_cache))
+    # ... and an archive whose content changed gets a new entry
+    (src / "inner" / "f.txt").write_text("other content")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "inner", arcname="inner")
     second = extract_archive(archive)
-    assert second != first and (second / "inner" / "f.txt").is_file()
+    assert second != first and (second / "inner" / "f.txt").read_text() == "other content"
     assert not [p for p in second.parent.iterdir() if "partial" in p.name]
 
 

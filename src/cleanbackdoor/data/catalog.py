@@ -7,13 +7,12 @@ tree, or a tar archive of any of these) and hands it to the loader for that form
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from cleanbackdoor.data.archive import extract_archive, is_archive, peek_archive
+from cleanbackdoor.data.archive import extract_archive, file_hash, is_archive, peek_archive
 from cleanbackdoor.data.cifar import CIFAR10_DIR, CIFAR100_DIR, load_cifar10, load_cifar100
 from cleanbackdoor.data.coco import load_coco_splits
 from cleanbackdoor.data.digits import load_digits
@@ -213,23 +212,8 @@ def source_fingerprint(name: str, root: str | Path | None = None) -> str | None:
         return None
     path = _resolve_root(source, root).resolve()
     if path.is_file():
-        return _file_hash(path)
+        return file_hash(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path).as_posix()}:{_file_hash(f)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    stat = path.stat()
-    return _hash_bytes(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _hash_bytes(path: Path, size: int, mtime_ns: int) -> str:
-    """sha256 of a file's bytes: once per process for a file of this size and modification time."""
-    h = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            h.update(chunk)
+        h.update(f"{f.relative_to(path).as_posix()}:{file_hash(f)}\n".encode())
     return h.hexdigest()[:16]
