@@ -6,6 +6,7 @@
     cleanbackdoor defense-table CONFIG... --out DIR [--root PATH] [--set key=value ...]   attacks x defenses
     cleanbackdoor audit DATASET [--root PATH] [--labels FILE] [--out DIR]   scan received labels for poisoning
     cleanbackdoor list {attacks,datasets,models,triggers,presets,defenses}
+    cleanbackdoor cache [--dir DIR] [--list] [--clear KIND ...] [--older-than DAYS] [--dry-run]   what is cached
 
 A problem with the user's input exits with status 2 and one line that says what is wrong and what is allowed.
 """
@@ -108,6 +109,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cleanbackdoor import cache
+
+    root = Path(args.dir).expanduser() if args.dir else cache.default_root()
+    found = cache.entries(root)
+    if not args.clear:
+        if args.older_than is not None:
+            found = cache.select(found, ["all"], args.older_than) + [e for e in found if e.kind == "other"]
+        print(f"cache: {root}")
+        print(cache.listing(found) if args.list else cache.summary(found))
+        return 0
+    chosen = cache.select(found, args.clear, args.older_than)
+    if chosen and (args.list or args.dry_run):
+        print(cache.listing(chosen))
+    size = cache.human(sum(e.size for e in chosen))
+    if args.dry_run:
+        print(f"cache: would remove {len(chosen)} entries ({size}) from {root}")
+        return 0
+    cache.remove(chosen)
+    print(f"cache: removed {len(chosen)} entries ({size}) from {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cleanbackdoor", description=__doc__.split("\n")[1].strip() or None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override the model or recipe, e.g. --set train.epochs=10")
     audit.set_defaults(func=cmd_audit)
+    cached = sub.add_parser("cache", help="what the cache holds (by kind, size, age); remove entries")
+    cached.add_argument("--dir", help="the cache folder (default $CLEANBACKDOOR_CACHE, else ~/.cache/cleanbackdoor)")
+    cached.add_argument("--list", action="store_true", help="one line an entry instead of a summary by kind")
+    cached.add_argument("--clear", action="append", metavar="KIND",
+                        help="remove the entries of a kind (repeat): all, datasets, pretrained, clean, checkpoints, "
+                             "features, flip, defenses, audit")
+    cached.add_argument("--older-than", type=float, metavar="DAYS",
+                        help="only entries last modified more than DAYS days ago")
+    cached.add_argument("--dry-run", action="store_true", help="say what --clear would remove, remove nothing")
+    cached.set_defaults(func=cmd_cache)
     lst = sub.add_parser("list", help="list the names the config accepts")
     lst.add_argument("what", choices=["attacks", "datasets", "models", "triggers", "presets", "defenses"])
     lst.set_defaults(func=cmd_list)

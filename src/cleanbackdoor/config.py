@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from cleanbackdoor.cache import default_root
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.training import PRESETS, TrainConfig, preset
 
@@ -167,10 +167,7 @@ class ExperimentConfig(BaseModel):
         return Path(self.out or f"runs/{self.attack_name}-{self.data.name}-seed{self.seed}")
 
     def cache_path(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir)
-        env = os.environ.get("CLEANBACKDOOR_CACHE")
-        return Path(env) if env else Path.home() / ".cache" / "cleanbackdoor"
+        return Path(self.cache_dir) if self.cache_dir else default_root()
 
 
 def scale_milestones(milestones: list[int], epochs: int, new_epochs: int) -> list[int]:

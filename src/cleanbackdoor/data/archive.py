@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cleanbackdoor.cache import default_root
 from cleanbackdoor.errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -43,9 +44,7 @@ _ARRAYS_VERSION = 1
 
 def cache_root() -> Path:
     """Where dataset cache entries go: ``$CLEANBACKDOOR_CACHE/datasets``, else ``~/.cache/cleanbackdoor/datasets``."""
-    env = os.environ.get("CLEANBACKDOOR_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "cleanbackdoor"
-    return base / "datasets"
+    return default_root() / "datasets"
 
 
 def is_archive(path: str | Path) -> bool:

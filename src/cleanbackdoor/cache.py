@@ -1,0 +1,139 @@
+"""What the toolkit keeps in its cache, and removing it: ``cleanbackdoor cache``.
+
+Everything expensive is cached under keys of exactly its inputs (``$CLEANBACKDOOR_CACHE``, else
+``~/.cache/cleanbackdoor``), so nothing in the cache is ever wrong, only possibly unused: an entry whose inputs no
+run names any more stays until it is removed. Entries by kind:
+
+==============  ====================================  ==============================================================
+kind            where                                 what
+==============  ====================================  ==============================================================
+datasets        ``datasets/``                         extracted archives and decoded image arrays
+pretrained      ``models/pretrained-*.pt``            extractors pretrained on a source task (``model.pretrained``)
+clean           ``models/clean-*.pt``                 clean models of experiments (the no-attack baseline)
+checkpoints     ``models/*.ckpt``, ``flip/*.work``    unfinished trainings; a rerun resumes from them
+features        ``features/``                         a frozen extractor's features of a training set
+flip            ``flip/``                             FLIP's expert trajectories
+defenses        ``defenses/``                         defenses' trained models and scores
+audit           ``audit/``                            the models ``cleanbackdoor audit`` trains
+==============  ====================================  ==============================================================
+
+Anything else under the cache folder is listed as ``other`` and never removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cleanbackdoor.errors import ConfigError
+
+KINDS = ("datasets", "pretrained", "clean", "checkpoints", "features", "flip", "defenses", "audit")
+_FOLDERS = ("datasets", "features", "flip", "defenses", "audit")
+
+
+def default_root() -> Path:
+    """The cache folder: ``$CLEANBACKDOOR_CACHE`` if set, else ``~/.cache/cleanbackdoor`` (a config's
+    ``cache_dir`` overrides it for the runs of that config)."""
+    env = os.environ.get("CLEANBACKDOOR_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cleanbackdoor"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry: a file or a folder directly inside one of the cache's folders."""
+
+    kind: str
+    path: Path
+    size: int  # bytes, a folder's summed over its files
+    mtime: float  # the last modification, a folder's over its files
+
+
+def classify(path: Path, root: Path) -> str:
+    """The kind of the entry at ``path`` (inside ``root``), ``other`` for what the toolkit did not write."""
+    rel = path.relative_to(root).parts
+    if len(rel) != 2:
+        return "other"
+    folder, name = rel
+    if name.endswith(".ckpt") and folder == "models" or name.endswith(".work") and folder == "flip":
+        return "checkpoints"
+    if folder == "models":
+        for kind in ("pretrained", "clean"):
+            if name.startswith(f"{kind}-"):
+                return kind
+        return "other"
+    return folder if folder in _FOLDERS else "other"
+
+
+def entries(root: str | Path) -> list[Entry]:
+    """Every entry of the cache at ``root``, oldest first (none when the folder does not exist)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(folder.iterdir()):
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+            stats = [f.stat() for f in files]
+            mtime = max((s.st_mtime for s in stats), default=path.stat().st_mtime)
+            found.append(Entry(classify(path, root), path, sum(s.st_size for s in stats), mtime))
+    for path in sorted(p for p in root.iterdir() if not p.is_dir()):
+        found.append(Entry("other", path, path.stat().st_size, path.stat().st_mtime))
+    return sorted(found, key=lambda e: e.mtime)
+
+
+def select(found: Iterable[Entry], kinds: Iterable[str], older_than_days: float | None = None,
+           now: float | None = None) -> list[Entry]:
+    """The entries of the given kinds (``all``: every kind the toolkit writes), last modified more than
+    ``older_than_days`` ago if given. ``other`` is never selected."""
+    kinds = list(kinds)
+    for kind in kinds:
+        if kind != "all" and kind not in KINDS:
+            raise ConfigError(f"unknown cache kind {kind!r}; known: all, {', '.join(KINDS)}")
+    if older_than_days is not None and older_than_days < 0:
+        raise ConfigError(f"--older-than takes a number of days >= 0, got {older_than_days}")
+    wanted = set(KINDS) if "all" in kinds else set(kinds)
+    cutoff = (time.time() if now is None else now) - 86400 * (older_than_days or 0)
+    return [e for e in found if e.kind in wanted and (older_than_days is None or e.mtime < cutoff)]
+
+
+def remove(chosen: Iterable[Entry]) -> int:
+    """Delete the entries; the bytes freed."""
+    freed = 0
+    for e in chosen:
+        if e.path.is_dir():
+            shutil.rmtree(e.path)
+        else:
+            e.path.unlink(missing_ok=True)
+        freed += e.size
+    return freed
+
+
+def human(size: float) -> str:
+    """``1536`` -> ``1.5 KB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def summary(found: list[Entry]) -> str:
+    """A table of the kinds: entries, size, newest."""
+    lines = [f"{'kind':<12} {'entries':>7} {'size':>10}  newest"]
+    for kind in (*KINDS, "other"):
+        of = [e for e in found if e.kind == kind]
+        if of:
+            newest = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(e.mtime for e in of)))
+            lines.append(f"{kind:<12} {len(of):>7} {human(sum(e.size for e in of)):>10}  {newest}")
+    lines.append(f"{'total':<12} {len(found):>7} {human(sum(e.size for e in found)):>10}")
+    return "\n".join(lines)
+
+
+def listing(found: list[Entry]) -> str:
+    """One line an entry: kind, size, last modified, path."""
+    return "\n".join(f"{e.kind:<12} {human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.mtime))}"
+                     f"  {e.path}" for e in found)
