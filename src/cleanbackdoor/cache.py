@@ -75,14 +75,20 @@ def entries(root: str | Path) -> list[Entry]:
         return []
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for path in sorted(folder.iterdir()):
-            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-            stats = [f.stat() for f in files]
-            mtime = max((s.st_mtime for s in stats), default=path.stat().st_mtime)
-            found.append(Entry(classify(path, root), path, sum(s.st_size for s in stats), mtime))
-    for path in sorted(p for p in root.iterdir() if not p.is_dir()):
-        found.append(Entry("other", path, path.stat().st_size, path.stat().st_mtime))
+        found += [e for e in (_entry(path, classify(path, root)) for path in sorted(folder.iterdir())) if e]
+    found += [e for e in (_entry(path, "other") for path in sorted(root.iterdir()) if not path.is_dir()) if e]
     return sorted(found, key=lambda e: e.mtime)
+
+
+def _entry(path: Path, kind: str) -> Entry | None:
+    """The entry at ``path``; None if it vanished meanwhile (a run renaming its temporary file into place)."""
+    try:
+        files = [path] if not path.is_dir() else [f for f in path.rglob("*") if f.is_file()]
+        stats = [f.stat() for f in files]
+        mtime = max((s.st_mtime for s in stats), default=path.stat().st_mtime)
+    except FileNotFoundError:
+        return None
+    return Entry(kind, path, sum(s.st_size for s in stats), mtime)
 
 
 def select(found: Iterable[Entry], kinds: Iterable[str], older_than_days: float | None = None,

@@ -129,8 +129,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"cache: would remove {len(chosen)} entries ({size}) from {root}")
         return 0
-    cache.remove(chosen)
-    print(f"cache: removed {len(chosen)} entries ({size}) from {root}")
+    freed = cache.remove(chosen)
+    print(f"cache: removed {len(chosen)} entries ({cache.human(freed)}) from {root}")
     return 0
 
 
