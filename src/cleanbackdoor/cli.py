@@ -126,11 +126,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if chosen and (args.list or args.dry_run):
         print(cache.listing(chosen))
     size = cache.human(sum(e.size for e in chosen))
+    count = f"{len(chosen)} {'entry' if len(chosen) == 1 else 'entries'}"
     if args.dry_run:
-        print(f"cache: would remove {len(chosen)} entries ({size}) from {root}")
+        print(f"cache: would remove {count} ({size}) from {root}")
         return 0
     freed = cache.remove(chosen)
-    print(f"cache: removed {len(chosen)} entries ({cache.human(freed)}) from {root}")
+    print(f"cache: removed {count} ({cache.human(freed)}) from {root}")
     return 0
 
 
