@@ -73,7 +73,7 @@ def archive_key(path: str | Path) -> str:
 
 def file_hash(path: str | Path) -> str:
     """A short sha256 of a file's bytes, read once per process for a file of this path, size and modification
-    time (a 170 MB archive takes about half a second)."""
+    time (the 19 MB CIFAR-10 JPEG archive: 0.02 s from the page cache)."""
     path = Path(path).resolve()
     stat = path.stat()
     return _hash_bytes(path, stat.st_size, stat.st_mtime_ns)
