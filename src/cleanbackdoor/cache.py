@@ -52,12 +52,9 @@ class Entry:
     mtime: float  # the last modification, a folder's over its files
 
 
-def classify(path: Path, root: Path) -> str:
-    """The kind of the entry at ``path`` (inside ``root``), ``other`` for what the toolkit did not write."""
-    rel = path.relative_to(root).parts
-    if len(rel) != 2:
-        return "other"
-    folder, name = rel
+def classify(folder: str, name: str) -> str:
+    """The kind of the entry ``name`` in the cache's folder ``folder``, ``other`` for what the toolkit did not
+    write."""
     if name.endswith(".ckpt") and folder == "models" or name.endswith(".work") and folder == "flip":
         return "checkpoints"
     if folder == "models":
@@ -75,7 +72,7 @@ def entries(root: str | Path) -> list[Entry]:
         return []
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        found += [e for e in (_entry(path, classify(path, root)) for path in sorted(folder.iterdir())) if e]
+        found += [e for e in (_entry(p, classify(folder.name, p.name)) for p in sorted(folder.iterdir())) if e]
     found += [e for e in (_entry(path, "other") for path in sorted(root.iterdir()) if not path.is_dir()) if e]
     return sorted(found, key=lambda e: e.mtime)
 
@@ -91,8 +88,7 @@ def _entry(path: Path, kind: str) -> Entry | None:
     return Entry(kind, path, sum(s.st_size for s in stats), mtime)
 
 
-def select(found: Iterable[Entry], kinds: Iterable[str], older_than_days: float | None = None,
-           now: float | None = None) -> list[Entry]:
+def select(found: Iterable[Entry], kinds: Iterable[str], older_than_days: float | None = None) -> list[Entry]:
     """The entries of the given kinds (``all``: every kind the toolkit writes), last modified more than
     ``older_than_days`` ago if given. ``other`` is never selected."""
     kinds = list(kinds)
@@ -102,29 +98,28 @@ def select(found: Iterable[Entry], kinds: Iterable[str], older_than_days: float 
     if older_than_days is not None and older_than_days < 0:
         raise ConfigError(f"--older-than takes a number of days >= 0, got {older_than_days}")
     wanted = set(KINDS) if "all" in kinds else set(kinds)
-    cutoff = (time.time() if now is None else now) - 86400 * (older_than_days or 0)
+    cutoff = time.time() - 86400 * (older_than_days or 0)
     return [e for e in found if e.kind in wanted and (older_than_days is None or e.mtime < cutoff)]
 
 
-def remove(chosen: Iterable[Entry]) -> int:
-    """Delete the entries; the bytes freed."""
-    freed = 0
+def remove(chosen: Iterable[Entry]) -> None:
+    """Delete the entries."""
     for e in chosen:
         if e.path.is_dir():
             shutil.rmtree(e.path)
         else:
             e.path.unlink(missing_ok=True)
-        freed += e.size
-    return freed
 
 
 def human(size: float) -> str:
     """``1536`` -> ``1.5 KB``."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KB", "MB"):
         size /= 1024
-    raise AssertionError("unreachable")
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GB"
 
 
 def summary(found: list[Entry]) -> str:

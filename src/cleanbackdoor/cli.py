@@ -130,8 +130,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"cache: would remove {count} ({size}) from {root}")
         return 0
-    freed = cache.remove(chosen)
-    print(f"cache: removed {count} ({cache.human(freed)}) from {root}")
+    cache.remove(chosen)
+    print(f"cache: removed {count} ({size}) from {root}")
     return 0
 
 
