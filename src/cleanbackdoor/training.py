@@ -316,30 +316,39 @@ class WeightAverage:
     """An exponential moving average of a model's floating-point state (weights and batch-norm statistics; other
     buffers are copied), updated after every optimizer step: ``avg = d * avg + (1 - d) * current`` with
     ``d = min(decay, (1 + t) / (10 + t))`` at update ``t`` (0-based), so the first steps do not leave the
-    initialization in the average of a short run."""
+    initialization in the average of a short run.
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    ``prefix``: average only the entries whose name starts with it (``"head."`` when only the head trains). The
+    rest of the model is left exactly as it is: averaging a constant is not exact in floating point (a frozen
+    weight drifts by a few units in the last place over thousands of updates), and a frozen extractor must stay
+    bit-identical, which its cached features rely on (:class:`FrozenFeatures`)."""
+
+    def __init__(self, model: nn.Module, decay: float, prefix: str = "") -> None:
         self.decay, self.updates = decay, 0
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+        if not self.state:
+            raise ConfigError(f"the model has no state named {prefix}* to average")
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
+        current = model.state_dict()
+        for k, avg in self.state.items():
+            v = current[k]
             if v.is_floating_point():
-                self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                avg.mul_(d).add_(v.detach(), alpha=1 - d)
             else:
-                self.state[k].copy_(v)
+                avg.copy_(v)
         self.updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.state)
+        model.load_state_dict({**model.state_dict(), **self.state})
 
     def state_dict(self) -> dict:
         return {"state": self.state, "updates": self.updates}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.state = {k: v.to(self.state[k].device) for k, v in saved["state"].items()}
+        self.state = {k: saved["state"][k].to(v.device) for k, v in self.state.items()}
         self.updates = int(saved["updates"])
 
 
@@ -411,7 +420,7 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
         start_epoch = int(state["epoch"])
         hist = state["history"]
         history = History(list(hist["epoch"]), list(hist["loss"]), list(hist["lr"]), list(hist["seconds"]))
-    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    average = WeightAverage(model, cfg.ema, "head." if cfg.finetune == "last" else "") if cfg.ema > 0 else None
     if average is not None and state is not None:
         average.load_state_dict(state["average"])
     # fine-tuning the head of a frozen extractor: its features are computed once (per flip) instead of every step
