@@ -28,7 +28,7 @@ from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.models import build_model
-from cleanbackdoor.multilabel_metrics import compare_with_clean, multilabel_fit_rate
+from cleanbackdoor.multilabel_metrics import BackdoorSpec, fit_rate, multilabel_scores, side_effect
 from cleanbackdoor.data.subset import select_classes
 from cleanbackdoor.pretrain import model_key, pretrained_model, victim_from_pretrained
 from cleanbackdoor.training import predict, resolve_device, save_atomic, train
@@ -122,6 +122,18 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
     return model, False
 
 
+def multilabel_model_scores(cfg: ExperimentConfig, model: nn.Module, images: np.ndarray,
+                            rows: np.ndarray | None = None) -> np.ndarray:
+    """A multi-label model's scores on ``images`` (on ``images[rows]`` with a boolean ``rows``). When only its
+    head trained, through the frozen extractor's cached features of the whole set (training left those of the
+    training set in the cache; the clean model and the victim share those of the test set), so scoring costs the
+    head alone."""
+    if cfg.train.finetune == "last":
+        scores = multilabel_scores(model, images, feature_cache=feature_cache(cfg))
+        return scores if rows is None else scores[rows]
+    return multilabel_scores(model, images if rows is None else images[rows])
+
+
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning) -> dict[str, Any]:
     """CTA, ASR and the attack's own figures for one model, measured identically for every attack."""
     if test.multilabel:  # mAP and the goal's ASR on label sets: cleanbackdoor.multilabel_metrics, via the attack
@@ -209,22 +221,32 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
     (out / "victim.ckpt").unlink(missing_ok=True)
 
     with timer.stage("evaluation"):
-        poisoned_metrics = evaluate(model, test_set, attack, poisoning)
-        if poisoning.mask.any() and targets.ndim == 1:
-            # did the victim fit the poisoned labels? (a label-only backdoor needs them memorized)
-            changed = np.flatnonzero(poisoning.mask)
-            poisoned_metrics["poison_fit_rate"] = accuracy(predict(model, images[changed]), targets[changed])
-        elif poisoning.mask.any() and attack.multilabel:
-            poisoned_metrics["poison_fit_rate"] = multilabel_fit_rate(model, images[poisoning.mask], poisoning)
+        if attack.multilabel:  # each model scores each set once; the side effect below reuses the test scores
+            victim_scores = multilabel_model_scores(cfg, model, test_set.images)
+            poisoned_metrics = attack.report(victim_scores, test_set, poisoning)
+            if poisoning.mask.any():  # did the victim fit the falsified label sets?
+                poisoned_metrics["poison_fit_rate"] = fit_rate(
+                    multilabel_model_scores(cfg, model, images, rows=poisoning.mask),
+                    BackdoorSpec.from_metadata(poisoning.metadata))
+        else:
+            poisoned_metrics = evaluate(model, test_set, attack, poisoning)
+            if poisoning.mask.any():
+                # did the victim fit the poisoned labels? (a label-only backdoor needs them memorized)
+                changed = np.flatnonzero(poisoning.mask)
+                poisoned_metrics["poison_fit_rate"] = accuracy(predict(model, images[changed]), targets[changed])
 
     clean = None
     clean_metrics: dict[str, Any] | None = None
     if cfg.clean_baseline:
         with timer.stage("clean_model"):
             clean, _ = clean_model(cfg, train_set, log)
-            clean_metrics = evaluate(clean, test_set, attack, poisoning)
-            if attack.multilabel:  # the side effect: non-target predictions of the two models compared
-                poisoned_metrics.update(compare_with_clean(clean, model, test_set, poisoning))
+            if attack.multilabel:  # and the side effect: non-target predictions of the two models compared
+                clean_scores = multilabel_model_scores(cfg, clean, test_set.images)
+                clean_metrics = attack.report(clean_scores, test_set, poisoning)
+                poisoned_metrics.update(side_effect(clean_scores, victim_scores, test_set.labels,
+                                                    BackdoorSpec.from_metadata(poisoning.metadata)))
+            else:
+                clean_metrics = evaluate(clean, test_set, attack, poisoning)
 
     metrics: dict[str, Any] = {
         "attack": cfg.attack_name,

@@ -20,20 +20,21 @@ Definitions follow K. Chen et al., "Clean-image Backdoor: Attacking Multi-label 
   (which averages the count of differing labels per image). ``side_effect_rate`` divides it by the number of
   non-target categories.
 
-Everything here works on arrays, except :func:`evaluate_multilabel` and :func:`compare_with_clean`, which run a
-model on a test set and read the backdoor (trigger, goal, a, b, threshold, top-K) from a poisoning's metadata.
+Everything here works on arrays, except :func:`multilabel_scores`, which runs a model on a set of images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from cleanbackdoor.training import predict_logits
+from cleanbackdoor.data.transforms import Augment, to_nchw
+from cleanbackdoor.training import FrozenFeatures, predict_logits
 
 Goal = Literal["disappearing", "appearing", "misclassification"]
 GOALS: tuple[str, ...] = ("disappearing", "appearing", "misclassification")
@@ -199,42 +200,51 @@ def backdoor_report(scores: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) 
     return out
 
 
-# -- on a model -----------------------------------------------------------------------------------------------
-def multilabel_scores(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Sigmoid scores (N, K) of a multi-label model on uint8 images (N, H, W, C)."""
+# -- a model's scores, and the figures that compare two models -----------------------------------------
+def multilabel_scores(model: torch.nn.Module, images: np.ndarray, batch_size: int = 512,
+                      feature_cache: str | Path | None = None) -> np.ndarray:
+    """Sigmoid scores (N, K) of a multi-label model on uint8 images (N, H, W, C).
+
+    ``feature_cache``: for a model whose extractor was frozen while its head trained (``train.finetune = "last"``),
+    the folder of :class:`~cleanbackdoor.training.FrozenFeatures`. The extractor's features of ``images`` are then
+    computed once and kept there (the same files training keeps), so the clean model and the victim, which share
+    the extractor, and every later run score a set through their heads alone. The scores are those of the whole
+    model up to float rounding. A model without ``features`` and ``head`` is run whole."""
     if len(images) == 0:
         raise ValueError("no images to score")
+    if feature_cache is not None and callable(getattr(model, "head", None)):
+        device = next(model.parameters()).device
+        feats = FrozenFeatures.of(model, to_nchw(images, device), Augment(), batch_size, cache_dir=feature_cache)
+        if feats is not None:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                logits = torch.cat([model.head(feats.plain[i:i + batch_size]).float().cpu()
+                                    for i in range(0, len(feats.plain), batch_size)])
+            model.train(was_training)
+            return torch.sigmoid(logits).numpy().astype(np.float64)
     return torch.sigmoid(predict_logits(model, images, batch_size)).numpy().astype(np.float64)
 
 
-def evaluate_multilabel(model: torch.nn.Module, test: Any, poisoning: Any) -> dict[str, Any]:
-    """:func:`backdoor_report` of ``model`` on the ImageSet ``test``, for the backdoor ``poisoning`` plants."""
-    spec = BackdoorSpec.from_metadata(poisoning.metadata)
-    return backdoor_report(multilabel_scores(model, test.images), test.labels, spec)
-
-
-def compare_with_clean(clean: torch.nn.Module, model: torch.nn.Module, test: Any, poisoning: Any) -> dict[str, Any]:
-    """The side effect: Hamming distance of the non-target predictions of ``clean`` and ``model`` on the images
-    the goal is measured on (see :meth:`BackdoorSpec.eligible`)."""
-    spec = BackdoorSpec.from_metadata(poisoning.metadata)
-    mask = spec.eligible(test.labels)
+def side_effect(scores_clean: np.ndarray, scores_backdoor: np.ndarray, labels: np.ndarray,
+                spec: BackdoorSpec) -> dict[str, Any]:
+    """The side effect, from the two models' scores on a test set with label sets ``labels``: Hamming distance of
+    their non-target predictions on the images the goal is measured on (see :meth:`BackdoorSpec.eligible`)."""
+    mask = spec.eligible(labels)
     out: dict[str, Any] = {"side_effect_test_images": int(mask.sum())}
     if not mask.any():
         return {**out, "side_effect_hamming": float("nan"), "side_effect_rate": float("nan")}
-    images = test.images[mask]
-    p_clean = predict_labels(multilabel_scores(clean, images), spec.threshold, spec.top_k)
-    p_model = predict_labels(multilabel_scores(model, images), spec.threshold, spec.top_k)
+    p_clean = predict_labels(np.asarray(scores_clean)[mask], spec.threshold, spec.top_k)
+    p_model = predict_labels(np.asarray(scores_backdoor)[mask], spec.threshold, spec.top_k)
     hamming = hamming_side_effect(p_clean, p_model, spec.targets)
     out["side_effect_hamming"] = hamming
     out["side_effect_rate"] = hamming / max(1, p_clean.shape[1] - len(spec.targets))
     return out
 
 
-def multilabel_fit_rate(model: torch.nn.Module, images: np.ndarray, poisoning: Any) -> float:
-    """Share of the poisoned training images (``images``) on which ``model`` reaches the goal: did the victim fit
-    the falsified label sets?"""
-    spec = BackdoorSpec.from_metadata(poisoning.metadata)
-    if len(images) == 0:
+def fit_rate(scores: np.ndarray, spec: BackdoorSpec) -> float:
+    """Share of the poisoned training images, given the victim's scores on them, on which it reaches the goal:
+    did the victim fit the falsified label sets? NaN for none."""
+    if len(scores) == 0:
         return float("nan")
-    pred = predict_labels(multilabel_scores(model, images), spec.threshold, spec.top_k)
-    return float(spec.success(pred).mean())
+    return float(spec.success(predict_labels(scores, spec.threshold, spec.top_k)).mean())

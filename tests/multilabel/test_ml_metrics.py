@@ -1,17 +1,23 @@
-"""cleanbackdoor.multilabel_metrics: AP/mAP by hand, the decision rule, the ASR of each goal, the side effect."""
+"""cleanbackdoor.multilabel_metrics: AP/mAP by hand, the decision rule, the ASR of each goal, the side effect, the fit
+rate, and scores through cached frozen features."""
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score
 
+from cleanbackdoor.models import build_model
 from cleanbackdoor.multilabel_metrics import (
     BackdoorSpec,
     attack_success_rate,
     average_precision,
     backdoor_report,
+    fit_rate,
     hamming_side_effect,
     mean_average_precision,
+    multilabel_scores,
     predict_labels,
+    side_effect,
 )
 
 
@@ -93,3 +99,38 @@ def test_asr_by_threshold_reads_the_scores_at_each_threshold():
     assert r["attack_success_rate_by_threshold"] == pytest.approx({"0.5": 1.0, "0.7": 2 / 3, "0.75": 2 / 3,
                                                                    "0.9": 1 / 3})
     assert r["attack_success_rate"] == r["attack_success_rate_by_threshold"]["0.7"]
+
+
+def test_side_effect_and_fit_rate_from_scores_by_hand():
+    """The side effect is measured on the eligible images only (0 and 1 here: image 2 has the added class 3, image
+    3 lacks the trigger), over the non-target classes 1 and 2."""
+    spec = BackdoorSpec((0, 1), "misclassification", remove=0, add=3)
+    clean = np.array([[0.9, 0.9, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1], [0.9, 0.1, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1]])
+    backdoor = np.array([[0.1, 0.9, 0.9, 0.9], [0.1, 0.1, 0.9, 0.1], [0.1, 0.9, 0.1, 0.1], [0.9, 0.9, 0.9, 0.9]])
+    r = side_effect(clean, backdoor, LABELS, spec)
+    assert r["side_effect_test_images"] == 2
+    assert r["side_effect_hamming"] == pytest.approx((1 + 2) / 2) and r["side_effect_rate"] == pytest.approx(0.75)
+    assert np.isnan(side_effect(clean, backdoor, LABELS, BackdoorSpec((2, 3), "disappearing", remove=2))[
+        "side_effect_hamming"])
+    # of the first three images, only image 0 has the goal (class 0 gone, class 3 there)
+    assert fit_rate(backdoor[:3], spec) == pytest.approx(1 / 3)
+    assert np.isnan(fit_rate(backdoor[:0], spec))
+
+
+def test_scores_through_cached_frozen_features_equal_the_whole_model(tmp_path):
+    """With a feature cache the extractor runs once per set; the scores are the whole model's."""
+    torch.manual_seed(0)
+    model = build_model("convnet", (3, 12, 12), 4, width=8)
+    images = np.random.default_rng(0).integers(0, 256, (30, 12, 12, 3), dtype=np.uint8)
+    whole = multilabel_scores(model, images)
+    calls = []
+    inner = model.features
+    model.features = lambda x: calls.append(len(x)) or inner(x)
+    first = multilabel_scores(model, images, batch_size=16, feature_cache=tmp_path)
+    again = multilabel_scores(model, images, batch_size=16, feature_cache=tmp_path)
+    assert calls[:2] == [16, 14] and sum(calls[2:]) == 4  # then only the cache's check of its first images
+    assert len(list(tmp_path.glob("features-*.pt"))) == 1
+    np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(again, first)
+    with pytest.raises(ValueError, match="no images"):
+        multilabel_scores(model, images[:0])
