@@ -25,10 +25,9 @@ import torch
 
 from cleanbackdoor.attacks.multilabel import MultiLabel
 from cleanbackdoor.config import load_config
-from cleanbackdoor.data.transforms import Augment, to_nchw
 from cleanbackdoor.experiment import feature_cache, load_data, new_model
-from cleanbackdoor.multilabel_metrics import BackdoorSpec, backdoor_report, predict_labels
-from cleanbackdoor.training import FrozenFeatures, train
+from cleanbackdoor.multilabel_metrics import BackdoorSpec, backdoor_report, multilabel_scores, predict_labels
+from cleanbackdoor.training import train
 
 
 def victim(cfg, splits, labels: np.ndarray, hidden: list[int], recipe) -> tuple[np.ndarray, np.ndarray]:
@@ -38,12 +37,8 @@ def victim(cfg, splits, labels: np.ndarray, hidden: list[int], recipe) -> tuple[
     model = new_model(cfg, splits.train, cfg.seed, model_cfg=model_cfg)
     train(model, splits.train.images, labels, recipe, seed=cfg.seed, device="cpu", progress=False,
           feature_cache=feature_cache(cfg))
-    scores = []
-    for part in (splits.test, splits.train):
-        feats = FrozenFeatures.of(model, to_nchw(part.images, "cpu"), Augment(), cache_dir=feature_cache(cfg))
-        with torch.no_grad():
-            scores.append(torch.sigmoid(model.head(feats.plain)).double().numpy())
-    return scores[0], scores[1]
+    return tuple(multilabel_scores(model, part.images, feature_cache=feature_cache(cfg))
+                 for part in (splits.test, splits.train))
 
 
 def main() -> None:
