@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cleanbackdoor.cache import AUDIT
 from cleanbackdoor.config import fingerprint, load_config, parse_value, stable_key
 from cleanbackdoor.data import DATASETS, ImageSet, load_dataset, load_folder_splits, load_image_folder
 from cleanbackdoor.data.archive import is_archive
@@ -404,7 +405,7 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
     recipe = defender_recipe(context, None, data.multilabel)
     key = stable_key("audit-model", fingerprint(data.images, data.labels), model_key(cfg.model),
                      recipe.model_dump(mode="json"), seed)
-    path = cfg.cache_path() / "audit" / f"model-{key}.pt"
+    path = cfg.cache_path() / AUDIT / f"model-{key}.pt"
     if path.exists():
         from cleanbackdoor.data.transforms import channel_stats
         from cleanbackdoor.models import build_model

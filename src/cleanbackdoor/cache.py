@@ -32,7 +32,11 @@ from pathlib import Path
 from cleanbackdoor.errors import ConfigError
 
 KINDS = ("datasets", "pretrained", "clean", "checkpoints", "features", "flip", "defenses", "audit")
-_FOLDERS = ("datasets", "features", "flip", "defenses", "audit")
+# The layout, for the modules that write to the cache (so that what they write is what this module classifies):
+# a folder per kind, except models/, which holds the pretrained extractors and the clean models.
+DATASETS, MODELS, FEATURES, FLIP, DEFENSES, AUDIT = "datasets", "models", "features", "flip", "defenses", "audit"
+_FOLDERS = (DATASETS, FEATURES, FLIP, DEFENSES, AUDIT)
+_MODEL_KINDS = ("pretrained", "clean")
 
 
 def default_root() -> Path:
@@ -55,14 +59,22 @@ class Entry:
 def classify(folder: str, name: str) -> str:
     """The kind of the entry ``name`` in the cache's folder ``folder``, ``other`` for what the toolkit did not
     write."""
-    if name.endswith(".ckpt") and folder == "models" or name.endswith(".work") and folder == "flip":
+    if name.endswith(".ckpt") and folder == MODELS or name.endswith(".work") and folder == FLIP:
         return "checkpoints"
-    if folder == "models":
-        for kind in ("pretrained", "clean"):
+    if folder == MODELS:
+        for kind in _MODEL_KINDS:
             if name.startswith(f"{kind}-"):
                 return kind
         return "other"
     return folder if folder in _FOLDERS else "other"
+
+
+def model_file(root: str | Path, kind: str, key: str) -> Path:
+    """Where a model of ``kind`` (``pretrained`` or ``clean``) with cache key ``key`` is kept; its unfinished
+    training's checkpoint is the same path with ``.ckpt``."""
+    if kind not in _MODEL_KINDS:
+        raise ValueError(f"models in the cache are {' or '.join(_MODEL_KINDS)}, not {kind!r}")
+    return Path(root) / MODELS / f"{kind}-{key}.pt"
 
 
 def entries(root: str | Path) -> list[Entry]:

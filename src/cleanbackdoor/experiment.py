@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
+from cleanbackdoor.cache import FEATURES, model_file
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, fingerprint, stable_key
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
@@ -100,7 +101,7 @@ def train_model(cfg: ExperimentConfig, train_set: ImageSet, images: np.ndarray, 
 def feature_cache(cfg: ExperimentConfig) -> Path:
     """Where a frozen extractor's features are kept (``train.finetune = "last"``): shared by the clean model and
     the victim, which train on the same images (:class:`cleanbackdoor.training.FrozenFeatures`)."""
-    return cfg.cache_path() / "features"
+    return cfg.cache_path() / FEATURES
 
 
 def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str], None]) -> tuple[nn.Module, bool]:
@@ -108,7 +109,7 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
     holds the training set's bytes (not the data root as written), the model, the recipe and the seed."""
     key = stable_key("clean-model", fingerprint(train_set.images, train_set.labels), model_key(cfg.model),
                      cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
-    path = cfg.cache_path() / "models" / f"clean-{key}.pt"
+    path = model_file(cfg.cache_path(), "clean", key)
     model = new_model(cfg, train_set, cfg.seed)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from cleanbackdoor.cache import model_file
 from cleanbackdoor.config import ModelConfig, PretrainConfig, stable_key
 from cleanbackdoor.data import ImageSet, load_dataset, select_classes, source_fingerprint, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
@@ -102,7 +103,7 @@ def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, de
     or trained on the source task and cached. ``cache_dir`` None trains without caching."""
     spec = _spec(model_cfg)
     key = pretrain_key(model_cfg)
-    path = Path(cache_dir) / "models" / f"pretrained-{key}.pt" if cache_dir is not None else None
+    path = model_file(cache_dir, "pretrained", key) if cache_dir is not None else None
     dev = resolve_device(device)
     if path is not None and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)

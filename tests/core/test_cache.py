@@ -82,3 +82,16 @@ def test_cli_summarizes_and_clears(root, capsys):
 def test_human_sizes():
     assert [cache.human(n) for n in (0, 1023, 1536, 5 * 1024**2, 3 * 1024**3)] == ["0 B", "1023 B", "1.5 KB",
                                                                                      "5.0 MB", "3.0 GB"]
+
+
+def test_what_the_writers_name_is_what_the_cache_classifies(tmp_path):
+    """The writers take their paths from this module's layout: a model file, its checkpoint and each folder are
+    classified as the kind that wrote them."""
+    for kind in ("pretrained", "clean"):
+        path = cache.model_file(tmp_path, kind, "0123")
+        assert cache.classify(path.parent.name, path.name) == kind
+        assert cache.classify(path.parent.name, path.with_suffix(".ckpt").name) == "checkpoints"
+    for folder in (cache.DATASETS, cache.FEATURES, cache.FLIP, cache.DEFENSES, cache.AUDIT):
+        assert cache.classify(folder, "x-0123.pt") == folder
+    with pytest.raises(ValueError, match="pretrained or clean"):
+        cache.model_file(tmp_path, "victim", "0123")

@@ -79,6 +79,7 @@ from tqdm.auto import tqdm
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
                                         format_validation_error, resolve_budget)
+from cleanbackdoor.cache import FLIP
 from cleanbackdoor.config import fingerprint, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
@@ -499,7 +500,7 @@ class Flip(Attack):
 
         base_key = [fingerprint(train.images, train.labels), trigger.params(), target, list(sources or []), model_cfg,
                     recipe.model_dump(mode="json")]
-        cache = Path(ctx.cache_dir) / "flip" if ctx.cache_dir else None
+        cache = Path(ctx.cache_dir) / FLIP if ctx.cache_dir else None
 
         # stage 1: experts (cached per expert)
         trajectories = []

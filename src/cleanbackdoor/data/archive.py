@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cleanbackdoor.cache import default_root
+from cleanbackdoor.cache import DATASETS, default_root
 from cleanbackdoor.errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -44,7 +44,7 @@ _ARRAYS_VERSION = 1
 
 def cache_root() -> Path:
     """Where dataset cache entries go: ``$CLEANBACKDOOR_CACHE/datasets``, else ``~/.cache/cleanbackdoor/datasets``."""
-    return default_root() / "datasets"
+    return default_root() / DATASETS
 
 
 def is_archive(path: str | Path) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cleanbackdoor.cache import DEFENSES, FEATURES
 from cleanbackdoor.config import fingerprint, scale_milestones, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import channel_stats, to_tensor
@@ -83,7 +84,7 @@ def train_defender_model(data: ImageSet, index: np.ndarray, recipe, *, seed: int
         torch.manual_seed(seed)
         model = build_model(context.model.name, data.image_shape, data.num_classes, mean, std,
                             **context.model.options)
-    features = Path(context.cache_dir) / "features" if context.cache_dir else None  # a frozen extractor's
+    features = Path(context.cache_dir) / FEATURES if context.cache_dir else None  # a frozen extractor's
     train(model, data.images[index], data.labels[index], recipe, seed=seed, device=context.device,
           progress=context.progress, desc=desc, feature_cache=features)
     return model
@@ -96,7 +97,7 @@ def probabilities(model: nn.Module, images: np.ndarray, multilabel: bool) -> np.
 
 
 def _cache_file(context: DefenseContext, kind: str, key: str) -> Path | None:
-    return Path(context.cache_dir) / "defenses" / f"{kind}-{key}.npz" if context.cache_dir else None
+    return Path(context.cache_dir) / DEFENSES / f"{kind}-{key}.npz" if context.cache_dir else None
 
 
 def load_cached(path: Path | None, context: DefenseContext, what: str) -> np.ndarray | None:
