@@ -29,7 +29,8 @@ from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.models import build_model
-from cleanbackdoor.multilabel_metrics import BackdoorSpec, fit_rate, multilabel_scores, side_effect
+from cleanbackdoor.multilabel_metrics import (BackdoorSpec, fit_rate, multilabel_scores, side_effect,
+                                              trigger_recognition)
 from cleanbackdoor.data.subset import select_classes
 from cleanbackdoor.pretrain import model_key, pretrained_model, victim_from_pretrained
 from cleanbackdoor.training import predict, resolve_device, save_atomic, train
@@ -244,8 +245,10 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
             if attack.multilabel:  # and the side effect: non-target predictions of the two models compared
                 clean_scores = multilabel_model_scores(cfg, clean, test_set.images)
                 clean_metrics = attack.report(clean_scores, test_set, poisoning)
-                poisoned_metrics.update(side_effect(clean_scores, victim_scores, test_set.labels,
-                                                    BackdoorSpec.from_metadata(poisoning.metadata)))
+                spec = BackdoorSpec.from_metadata(poisoning.metadata)
+                poisoned_metrics.update(side_effect(clean_scores, victim_scores, test_set.labels, spec))
+                # how much of the ASR the extractor's perception of the trigger allows
+                poisoned_metrics.update(trigger_recognition(clean_scores, victim_scores, test_set.labels, spec))
             else:
                 clean_metrics = evaluate(clean, test_set, attack, poisoning)
 

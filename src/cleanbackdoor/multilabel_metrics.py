@@ -19,6 +19,11 @@ Definitions follow K. Chen et al., "Clean-image Backdoor: Attacking Multi-label 
   predictions over the *non-target* categories (all but a and b), as the authors' ``coco_validate_on_poisoned_val``
   (which averages the count of differing labels per image). ``side_effect_rate`` divides it by the number of
   non-target categories.
+- **Trigger recognition** (not in the paper): the trigger is a set of categories the model must *see*, so the
+  ASR cannot exceed the share of trigger images on which the victim perceives every trigger category.
+  :func:`trigger_recognition` splits the goal's images by whether the *clean* model predicts every trigger
+  category on them (at the same threshold and top-K), and gives the backdoored model's ASR on each part: the
+  backdoor's own strength apart from the extractor's perception.
 
 Everything here works on arrays, except :func:`multilabel_scores`, which runs a model on a set of images.
 """
@@ -240,6 +245,24 @@ def side_effect(scores_clean: np.ndarray, scores_backdoor: np.ndarray, labels: n
     out["side_effect_hamming"] = hamming
     out["side_effect_rate"] = hamming / max(1, p_clean.shape[1] - len(spec.targets))
     return out
+
+
+def trigger_recognition(scores_clean: np.ndarray, scores_backdoor: np.ndarray, labels: np.ndarray,
+                        spec: BackdoorSpec) -> dict[str, Any]:
+    """On the images the goal is measured on: the share on which the clean model predicts every trigger category
+    (``trigger_recognized_rate``), and the backdoored model's ASR on those (``attack_success_rate_recognized``)
+    and on the others (``attack_success_rate_unrecognized``); NaN for an empty part."""
+    labels = np.asarray(labels)
+    mask = spec.eligible(labels)
+    recognized = predict_labels(np.asarray(scores_clean), spec.threshold, spec.top_k)[:, list(spec.trigger)].all(1)
+    success = spec.success(predict_labels(np.asarray(scores_backdoor), spec.threshold, spec.top_k))
+
+    def share(part: np.ndarray) -> float:
+        return float(part.mean()) if len(part) else float("nan")
+
+    return {"trigger_recognized_rate": share(recognized[mask]),
+            "attack_success_rate_recognized": share(success[mask & recognized]),
+            "attack_success_rate_unrecognized": share(success[mask & ~recognized])}
 
 
 def fit_rate(scores: np.ndarray, spec: BackdoorSpec) -> float:

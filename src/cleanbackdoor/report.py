@@ -52,6 +52,10 @@ def metrics_table(metrics: dict[str, Any]) -> str:
             if clean_by:
                 line += f" (clean model {' / '.join(percent(clean_by.get(t)) for t in by)})"
             lines.append(line)
+        if metrics.get("trigger_recognized_rate") is not None:  # the ASR against the trigger's perception
+            lines.append(f"the clean model sees the whole trigger on {percent(metrics['trigger_recognized_rate'])} "
+                         f"of them: ASR there {percent(metrics['attack_success_rate_recognized'])}, elsewhere "
+                         f"{percent(metrics['attack_success_rate_unrecognized'])}")
     if metrics.get("defenses"):
         lines.append(defenses_table(metrics["defenses"]))
     return "\n".join(lines)

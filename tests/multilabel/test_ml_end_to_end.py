@@ -65,6 +65,11 @@ def test_disappearing_and_appearing_backdoors_work(run):
     by = m["attack_success_rate_by_threshold"]
     assert list(by) == ["0.5", "0.75", "0.9"] and by["0.75"] == m["attack_success_rate"]
     assert "ASR at score threshold 0.5 / 0.75 / 0.9" in log
+    # the ASR splits by whether the clean model sees the whole trigger, and the two parts add up to it
+    r, hit = m["trigger_recognized_rate"], m["attack_success_rate_recognized"]
+    miss = m["attack_success_rate_unrecognized"]
+    assert 0.5 <= r <= 1 and "sees the whole trigger" in log
+    assert (hit if r == 1 else r * hit + (1 - r) * miss) == pytest.approx(m["attack_success_rate"])
 
     m2, out2 = run("appearing")  # same data, model and recipe: the clean model comes from the cache
     assert "loaded from cache" in (out2 / "log.txt").read_text()

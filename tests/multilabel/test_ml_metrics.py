@@ -18,6 +18,7 @@ from cleanbackdoor.multilabel_metrics import (
     multilabel_scores,
     predict_labels,
     side_effect,
+    trigger_recognition,
 )
 
 
@@ -115,6 +116,22 @@ def test_side_effect_and_fit_rate_from_scores_by_hand():
     # of the first three images, only image 0 has the goal (class 0 gone, class 3 there)
     assert fit_rate(backdoor[:3], spec) == pytest.approx(1 / 3)
     assert np.isnan(fit_rate(backdoor[:0], spec))
+
+
+def test_trigger_recognition_splits_the_asr_by_what_the_clean_model_sees():
+    """Disappearing of class 0 with trigger {0, 1}: images 0-3 have the trigger. The clean model sees both trigger
+    classes on images 0, 1 and 2 (image 3: class 1 at 0.6, under the threshold); the backdoored model removes class
+    0 on images 0 and 1 of those, and on image 3. Image 4 lacks the trigger and is not counted."""
+    labels = np.array([[1, 1, 0]] * 4 + [[1, 0, 1]])
+    clean = np.array([[0.9, 0.9, 0.1], [0.8, 0.9, 0.1], [0.9, 0.8, 0.1], [0.9, 0.6, 0.1], [0.1, 0.1, 0.1]])
+    backdoor = np.array([[0.1, 0.9, 0.1], [0.2, 0.9, 0.1], [0.9, 0.9, 0.1], [0.3, 0.6, 0.1], [0.1, 0.1, 0.1]])
+    r = trigger_recognition(clean, backdoor, labels, BackdoorSpec((0, 1), "disappearing", remove=0))
+    assert r == pytest.approx({"trigger_recognized_rate": 3 / 4, "attack_success_rate_recognized": 2 / 3,
+                               "attack_success_rate_unrecognized": 1.0})
+    # at a threshold of 0.5 the clean model sees the trigger on all four: nothing is left unrecognized
+    r = trigger_recognition(clean, backdoor, labels, BackdoorSpec((0, 1), "disappearing", remove=0, threshold=0.5))
+    assert r["trigger_recognized_rate"] == 1.0 and r["attack_success_rate_recognized"] == pytest.approx(3 / 4)
+    assert np.isnan(r["attack_success_rate_unrecognized"])
 
 
 def test_scores_through_cached_frozen_features_equal_the_whole_model(tmp_path):
