@@ -20,10 +20,11 @@ Definitions follow K. Chen et al., "Clean-image Backdoor: Attacking Multi-label 
   (which averages the count of differing labels per image). ``side_effect_rate`` divides it by the number of
   non-target categories.
 - **Trigger recognition** (not in the paper): the trigger is a set of categories the model must *see*, so the
-  ASR cannot exceed the share of trigger images on which the victim perceives every trigger category.
-  :func:`trigger_recognition` splits the goal's images by whether the *clean* model predicts every trigger
-  category on them (at the same threshold and top-K), and gives the backdoored model's ASR on each part: the
-  backdoor's own strength apart from the extractor's perception.
+  backdoor fires reliably only where the extractor perceives every trigger category (elsewhere a goal is reached
+  only by chance: a missed object is also a disappeared one). :func:`trigger_recognition` splits the goal's
+  images by whether the *clean* model predicts every trigger category on them (at the same threshold and top-K),
+  and gives the backdoored model's ASR on each part: the backdoor's own strength apart from the extractor's
+  perception.
 
 Everything here works on arrays, except :func:`multilabel_scores`, which runs a model on a set of images.
 """
