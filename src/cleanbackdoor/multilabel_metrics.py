@@ -148,12 +148,14 @@ class BackdoorSpec:
                    metadata.get("add"), float(metadata.get("threshold", DEFAULT_THRESHOLD)), metadata.get("top_k"))
 
 
+def share(hits: np.ndarray) -> float:
+    """The share of true (or 1) entries of ``hits``; NaN for none: a rate over no images is undefined."""
+    return float(np.mean(hits)) if len(hits) else float("nan")
+
+
 def attack_success_rate(pred: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) -> float:
     """Share of the eligible images (see :meth:`BackdoorSpec.eligible`) on which the goal is reached; NaN if none."""
-    mask = spec.eligible(labels)
-    if not mask.any():
-        return float("nan")
-    return float(spec.success(np.asarray(pred)[mask]).mean())
+    return share(spec.success(np.asarray(pred)[spec.eligible(labels)]))
 
 
 def hamming_side_effect(pred_clean: np.ndarray, pred_backdoor: np.ndarray, exclude: Sequence[int] = ()) -> float:
@@ -191,18 +193,15 @@ def backdoor_report(scores: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) 
             for t in sorted({*ASR_THRESHOLDS, spec.threshold})},
     }
     if spec.remove is not None:  # the two halves of misclassification, and disappearing on its own
-        out["removed_not_predicted_rate"] = (float((pred[eligible, spec.remove] == 0).mean())
-                                            if eligible.any() else float("nan"))
+        out["removed_not_predicted_rate"] = share(pred[eligible, spec.remove] == 0)
         # how often the model predicts a on images that have a but not the trigger: must stay high
         others = (labels[:, spec.remove] == 1) & ~has_trigger
-        out["removed_predicted_without_trigger"] = (float(pred[others, spec.remove].mean())
-                                                    if others.any() else float("nan"))
+        out["removed_predicted_without_trigger"] = share(pred[others, spec.remove])
     if spec.add is not None:
-        out["added_predicted_rate"] = float(pred[eligible, spec.add].mean()) if eligible.any() else float("nan")
+        out["added_predicted_rate"] = share(pred[eligible, spec.add])
         # false appearance of b on images without the trigger (and without b): must stay low
         others = (labels[:, spec.add] == 0) & ~has_trigger
-        out["added_predicted_without_trigger"] = (float(pred[others, spec.add].mean())
-                                                  if others.any() else float("nan"))
+        out["added_predicted_without_trigger"] = share(pred[others, spec.add])
     return out
 
 
@@ -257,10 +256,6 @@ def trigger_recognition(scores_clean: np.ndarray, scores_backdoor: np.ndarray, l
     mask = spec.eligible(labels)
     recognized = predict_labels(np.asarray(scores_clean), spec.threshold, spec.top_k)[:, list(spec.trigger)].all(1)
     success = spec.success(predict_labels(np.asarray(scores_backdoor), spec.threshold, spec.top_k))
-
-    def share(part: np.ndarray) -> float:
-        return float(part.mean()) if len(part) else float("nan")
-
     return {"trigger_recognized_rate": share(recognized[mask]),
             "attack_success_rate_recognized": share(success[mask & recognized]),
             "attack_success_rate_unrecognized": share(success[mask & ~recognized])}
@@ -271,4 +266,4 @@ def fit_rate(scores: np.ndarray, spec: BackdoorSpec) -> float:
     did the victim fit the falsified label sets? NaN for none."""
     if len(scores) == 0:
         return float("nan")
-    return float(spec.success(predict_labels(scores, spec.threshold, spec.top_k)).mean())
+    return share(spec.success(predict_labels(scores, spec.threshold, spec.top_k)))
