@@ -11,7 +11,7 @@ datasets        ``datasets/``                         extracted archives and dec
 pretrained      ``models/pretrained-*.pt``            extractors pretrained on a source task (``model.pretrained``)
 clean           ``models/clean-*.pt``                 clean models of experiments (the no-attack baseline)
 checkpoints     ``models/*.ckpt``, ``flip/*.work``    unfinished trainings; a rerun resumes from them
-features        ``features/``                         a frozen extractor's features of a training set
+features        ``features/``                         frozen extractors' features, per image (one folder a view)
 flip            ``flip/``                             FLIP's expert trajectories
 defenses        ``defenses/``                         defenses' trained models and scores
 audit           ``audit/``                            the models ``cleanbackdoor audit`` trains

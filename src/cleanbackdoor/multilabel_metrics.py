@@ -39,8 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cleanbackdoor.data.transforms import Augment, to_nchw
-from cleanbackdoor.training import FrozenFeatures, predict_logits
+from cleanbackdoor.training import predict_logits
 
 Goal = Literal["disappearing", "appearing", "misclassification"]
 GOALS: tuple[str, ...] = ("disappearing", "appearing", "misclassification")
@@ -217,18 +216,8 @@ def multilabel_scores(model: torch.nn.Module, images: np.ndarray, batch_size: in
     model up to float rounding. A model without ``features`` and ``head`` is run whole."""
     if len(images) == 0:
         raise ValueError("no images to score")
-    if feature_cache is not None and callable(getattr(model, "head", None)):
-        device = next(model.parameters()).device
-        feats = FrozenFeatures.of(model, to_nchw(images, device), Augment(), batch_size, cache_dir=feature_cache)
-        if feats is not None:
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                logits = torch.cat([model.head(feats.plain[i:i + batch_size]).float().cpu()
-                                    for i in range(0, len(feats.plain), batch_size)])
-            model.train(was_training)
-            return torch.sigmoid(logits).numpy().astype(np.float64)
-    return torch.sigmoid(predict_logits(model, images, batch_size)).numpy().astype(np.float64)
+    logits = predict_logits(model, images, batch_size, feature_cache=feature_cache)
+    return torch.sigmoid(logits).numpy().astype(np.float64)
 
 
 def side_effect(scores_clean: np.ndarray, scores_backdoor: np.ndarray, labels: np.ndarray,

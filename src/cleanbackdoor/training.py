@@ -142,8 +142,13 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr / 1e4 + (cfg.lr - cfg.lr / 1e4) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer steps, in the model's order (with ``finetune = "last"``: the head's)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
@@ -219,6 +224,72 @@ def freeze_all_but_head(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
+def image_digests(data: torch.Tensor | np.ndarray) -> list[bytes]:
+    """A 16-byte digest of every image's bytes (and shape): what identifies an image in the feature store."""
+    arr = np.ascontiguousarray(data.cpu().numpy() if isinstance(data, torch.Tensor) else data)
+    shape = f"{arr.shape[1:]}{arr.dtype}".encode()
+    return [hashlib.blake2b(memoryview(row), digest_size=16, person=shape[:16].ljust(16, b"_")).digest()
+            for row in arr.reshape(len(arr), -1)]
+
+
+class FeatureStore:
+    """One frozen extractor's features of one view (the images as they are, or mirrored), cached *per image*.
+
+    A folder of shards, each the features of some images with the digests of those images' bytes
+    (:func:`image_digests`). A set that shares most of its images with sets seen before (a training set whose
+    attacker changed 1,000 images, the triggered test images of the same trigger) computes only the images it does
+    not share. Shards are written atomically and never changed, so concurrent readers see whole shards."""
+
+    _loaded: dict[str, tuple[tuple[str, ...], dict[bytes, tuple[int, int]], list[torch.Tensor]]] = {}
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _index(self) -> tuple[dict[bytes, tuple[int, int]], list[torch.Tensor]]:
+        names = tuple(sorted(p.name for p in self.folder.glob("shard-*.pt"))) if self.folder.is_dir() else ()
+        key = str(self.folder)
+        cached = self._loaded.get(key)
+        if cached is not None and cached[0] == names:
+            return cached[1], cached[2]
+        index: dict[bytes, tuple[int, int]] = {}
+        shards = []
+        for s, name in enumerate(names):
+            state = torch.load(self.folder / name, map_location="cpu", weights_only=True)
+            shards.append(state["features"])
+            for r, digest in enumerate(state["digests"].numpy()):
+                index[digest.tobytes()] = (s, r)
+        self._loaded[key] = (names, index, shards)
+        return index, shards
+
+    def get(self, digests: list[bytes]) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(found (N,) bool, features (N, D) with the found rows filled; None when nothing is found)."""
+        index, shards = self._index()
+        hits = [index.get(d) for d in digests]
+        found = np.array([h is not None for h in hits], dtype=bool)
+        if not found.any():
+            return found, None
+        dim = shards[hits[int(np.flatnonzero(found)[0])][0]].shape[1]
+        out = torch.zeros(len(digests), dim)
+        for i, h in enumerate(hits):
+            if h is not None:
+                out[i] = shards[h[0]][h[1]]
+        return found, out
+
+    def put(self, digests: list[bytes], features: torch.Tensor) -> None:
+        unique = dict(zip(digests, range(len(digests))))  # one row per distinct image
+        rows = list(unique.values())
+        raw = np.frombuffer(b"".join(unique), dtype=np.uint8).reshape(len(unique), 16)
+        name = hashlib.sha256(raw.tobytes()).hexdigest()[:16]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_atomic({"digests": torch.from_numpy(raw.copy()), "features": features[rows].detach().cpu().float()},
+                    self.folder / f"shard-{name}.pt")
+
+    def clear(self) -> None:
+        for p in self.folder.glob("shard-*.pt"):
+            p.unlink(missing_ok=True)
+        self._loaded.pop(str(self.folder), None)
+
+
 @dataclass
 class FrozenFeatures:
     """The frozen extractor's features of a whole training set, for ``train.finetune = "last"``.
@@ -229,11 +300,12 @@ class FrozenFeatures:
     pass would give (same random stream, same features up to float rounding). Random crops move every image by a
     different shift each step and cannot be cached (:meth:`of` returns None: the loop runs the whole model).
 
-    With a ``cache_dir`` the features are also kept on disk, under a key of the extractor (its modules other than
-    the head, as ``repr`` shows them, and their weights and buffers) and of the images' bytes: the clean model and
-    the victim of a run, which differ only in their labels, and every later run on the same images and extractor
-    compute them once. Before a cached file is used, the features of its first images are computed again and
-    compared, so a key that misses some part of an unusual extractor costs a recomputation, never wrong features.
+    With a ``cache_dir`` the features are also kept on disk, per image (:class:`FeatureStore`), under a key of the
+    extractor (its modules other than the head, as ``repr`` shows them, and their weights and buffers): the clean
+    model and the victim of a run, every later run on the same extractor, and sets that share most of their images
+    (a training set with 1,000 images changed) compute each image's features once. Before cached features are
+    used, those of up to four of the images found are computed again and compared, so a key that misses some part
+    of an unusual extractor costs a recomputation, never wrong features.
     """
 
     plain: torch.Tensor  # (N, D)
@@ -248,33 +320,51 @@ class FrozenFeatures:
         was_training = model.training
         model.eval()
 
-        def run(flip: bool, stop: int | None = None) -> torch.Tensor:
-            out = []
-            part = data[:stop]
-            for i in range(0, len(part), batch_size):
-                x = part[i:i + batch_size].float().div_(255.0)
-                out.append(model.features(x.flip(3) if flip else x).float())
-            return torch.cat(out)
+        def run(flip: bool, rows: np.ndarray | None = None) -> torch.Tensor:
+            part = data if rows is None else data[torch.as_tensor(rows, device=data.device)]
+            out = [model.features(x.flip(3) if flip else x).float()
+                   for x in (part[i:i + batch_size].float().div_(255.0) for i in range(0, len(part), batch_size))]
+            return torch.cat(out) if out else torch.zeros(0, 0)
 
-        path = Path(cache_dir) / f"features-{cls.key(model, data)}.pt" if cache_dir is not None else None
         try:
-            cached = cls._load(path, data.device, run) if path is not None else None
-            if cached is not None and (cached.flipped is not None or not aug.hflip):
-                return cls(cached.plain, cached.flipped if aug.hflip else None)
-            plain = cached.plain if cached is not None else run(False)
-            result = cls(plain, run(True) if aug.hflip else None)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_atomic({"plain": result.plain.cpu(), "flipped": None if result.flipped is None
-                             else result.flipped.cpu()}, path)
-            return result
+            if cache_dir is None:
+                return cls(run(False), run(True) if aug.hflip else None)
+            key = cls.extractor_key(model)
+            digests = image_digests(data)
+            views = [cls._cached(FeatureStore(Path(cache_dir) / f"{key}-{view}"), digests, flip, run)
+                     for view, flip in (("plain", False), ("flipped", True)) if flip <= aug.hflip]
+            return cls(views[0].to(data.device), views[1].to(data.device) if aug.hflip else None)
         finally:
             model.train(was_training)
 
     @staticmethod
-    def key(model: nn.Module, data: torch.Tensor) -> str:
-        """What the features depend on: the extractor's structure, weights and buffers (all but the head), and the
-        images."""
+    def _cached(store: FeatureStore, digests: list[bytes], flip: bool, run: Callable[..., torch.Tensor],
+                probe: int = 4) -> torch.Tensor:
+        """One view's features: the stored ones (checked on ``probe`` images) and the missing ones computed and
+        stored."""
+        found, feats = store.get(digests)
+        if found.any():
+            check = np.flatnonzero(found)[:probe]
+            fresh = run(flip, check).cpu()
+            if fresh.shape[1:] != feats.shape[1:] or not torch.allclose(
+                    feats[torch.as_tensor(check)], fresh, rtol=1e-3, atol=1e-4 * (1.0 + float(fresh.abs().max()))):
+                print(f"{store.folder}: cached features do not match this extractor, computing them again",
+                      flush=True)
+                store.clear()
+                found, feats = np.zeros(len(digests), dtype=bool), None
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            computed = run(flip, missing).cpu()
+            if feats is None:
+                feats = torch.zeros(len(digests), computed.shape[1])
+            feats[torch.as_tensor(missing)] = computed
+            store.put([digests[i] for i in missing], computed)
+        return feats
+
+    @staticmethod
+    def extractor_key(model: nn.Module) -> str:
+        """What the features depend on besides the images: the extractor's structure, weights and buffers (all
+        but the head)."""
         h = hashlib.sha256()
         for name, child in model.named_children():
             if name != "head":
@@ -283,33 +373,30 @@ class FrozenFeatures:
             if not name.startswith("head."):
                 h.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
                 h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        h.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        h.update(data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:16]
 
-    @classmethod
-    def _load(cls, path: Path, device: torch.device,
-              run: Callable[..., torch.Tensor], probe: int = 4) -> FrozenFeatures | None:
-        """The features cached at ``path``, if they hold for the first ``probe`` images computed afresh."""
-        if not path.exists():
-            return None
-        state = torch.load(path, map_location=device, weights_only=True)
-        cached = cls(state["plain"], state.get("flipped"))
-        for flip, feats in ((False, cached.plain), (True, cached.flipped)):
-            if feats is not None:
-                fresh = run(flip, probe)
-                if feats.shape[1:] != fresh.shape[1:] or not torch.allclose(
-                        feats[:probe], fresh, rtol=1e-3, atol=1e-4 * (1.0 + float(fresh.abs().max()))):
-                    print(f"{path}: cached features do not match this extractor, computing them again", flush=True)
-                    return None
-        return cached
+    def __len__(self) -> int:
+        return len(self.plain)
+
+    def select(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """The features of images ``idx``, of their mirror image where ``flip`` (bool, per row) is set."""
+        x = self.plain[idx]
+        if self.flipped is None or flip is None:
+            return x
+        return torch.where(flip.to(x.device).view(-1, 1), self.flipped[idx], x)
 
     def batch(self, idx: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-        x = self.plain[idx]
+        """A training batch: flips drawn from ``generator`` exactly as :class:`Augment` draws them."""
         if self.flipped is None:
-            return x
-        flip = aug.draw(len(idx), generator).flip.to(x.device)
-        return torch.where(flip.view(-1, 1), self.flipped[idx], x)
+            return self.plain[idx]
+        return self.select(idx, aug.draw(len(idx), generator).flip)
+
+    @classmethod
+    def concat(cls, parts: list[FrozenFeatures]) -> FrozenFeatures:
+        """The features of several image sets, one after the other."""
+        flipped = [p.flipped for p in parts]
+        return cls(torch.cat([p.plain for p in parts]),
+                   None if any(f is None for f in flipped) else torch.cat(flipped))
 
 
 class WeightAverage:
@@ -366,11 +453,11 @@ class History:
 StepHook = Callable[[int, nn.Module, torch.optim.Optimizer], None]
 
 
-def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tensor, cfg: TrainConfig, *,
+def train(model: nn.Module, images: np.ndarray | None, targets: np.ndarray | torch.Tensor, cfg: TrainConfig, *,
           seed: int = 0, device: str | torch.device | None = "auto", progress: bool = True,
           desc: str = "train", on_step: StepHook | None = None, on_epoch_end: StepHook | None = None,
           checkpoint: str | Path | None = None, checkpoint_key: str = "", stop_epoch: int | None = None,
-          feature_cache: str | Path | None = None) -> History:
+          feature_cache: str | Path | None = None, features: FrozenFeatures | None = None) -> History:
     """Train ``model`` in place on uint8 ``images`` (N, H, W, C) with ``targets`` under recipe ``cfg``.
 
     ``on_step(step, model, optimizer)`` is called before every optimizer step (FLIP's experts save their
@@ -381,9 +468,15 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
     ``stop_epoch``: stop after this many epochs, with the learning-rate schedule still that of the whole recipe.
     ``feature_cache``: a folder where ``finetune = "last"`` keeps the frozen extractor's features
     (:class:`FrozenFeatures`), for the next model trained on the same images with the same extractor.
+    ``features``: with ``finetune = "last"``, the frozen extractor's features of ``images``, computed by the caller
+    (``images`` may then be None): the head trains on them directly.
     """
     dev = resolve_device(device)
-    n = len(images)
+    if features is not None and cfg.finetune != "last":
+        raise ConfigError("precomputed features train the head alone: they need train.finetune = 'last'")
+    if images is None and features is None:
+        raise ConfigError("train() needs images or, for a head on a frozen extractor, their features")
+    n = len(images) if images is not None else len(features)
     if n == 0:
         raise ConfigError("cannot train on an empty training set")
     if len(targets) != n:
@@ -394,7 +487,7 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
     model.to(dev)
     if cfg.finetune == "last":
         freeze_all_but_head(model)
-    data = to_nchw(images, dev)  # the whole set on the device, as uint8
+    data = to_nchw(images, dev) if features is None else None  # the whole set on the device, as uint8
     y = targets_tensor(targets).to(dev)
     loss_fn = make_loss(cfg, y)
     opt = make_optimizer(model, cfg)
@@ -424,7 +517,11 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
     if average is not None and state is not None:
         average.load_state_dict(state["average"])
     # fine-tuning the head of a frozen extractor: its features are computed once (per flip) instead of every step
-    frozen = FrozenFeatures.of(model, data, aug, cache_dir=feature_cache) if cfg.finetune == "last" else None
+    frozen = features
+    if frozen is None and cfg.finetune == "last":
+        frozen = FrozenFeatures.of(model, data, aug, cache_dir=feature_cache)
+    if frozen is not None:
+        frozen = FrozenFeatures(frozen.plain.to(dev), None if frozen.flipped is None else frozen.flipped.to(dev))
     use_amp = cfg.amp and dev.type == "cuda"
     last_epoch = cfg.epochs if stop_epoch is None else min(cfg.epochs, stop_epoch)
     bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=None if progress else True, leave=False,
@@ -481,10 +578,22 @@ def train(model: nn.Module, images: np.ndarray, targets: np.ndarray | torch.Tens
 # -- evaluation ----------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512,
-                   device: str | torch.device | None = None) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 images (N, H, W, C), in eval mode."""
+                   device: str | torch.device | None = None,
+                   feature_cache: str | Path | None = None) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, H, W, C), in eval mode.
+
+    ``feature_cache``: for a model whose extractor stayed frozen while its head trained (``train.finetune =
+    "last"``), the folder of :class:`FrozenFeatures`: the extractor's features of ``images`` are computed once and
+    kept there, so the clean model, the victim and every later model on the same extractor score a set through
+    their heads alone (the logits of the whole model up to float rounding)."""
     dev = next(model.parameters()).device if device is None else resolve_device(device)
     model.eval()
+    if feature_cache is not None and len(images) and callable(getattr(model, "features", None)) \
+            and isinstance(getattr(model, "head", None), nn.Module):
+        with torch.inference_mode(False):
+            feats = FrozenFeatures.of(model, to_nchw(images, dev), Augment(), batch_size, cache_dir=feature_cache)
+        return torch.cat([model.head(feats.plain[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(feats), batch_size)])
     outs = []
     for i in range(0, len(images), batch_size):
         outs.append(model(to_tensor(images[i:i + batch_size], dev)).float().cpu())
@@ -493,8 +602,9 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512,
     return torch.cat(outs)
 
 
-def predict(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Predicted classes (N,) of a single-label model."""
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 512,
+            feature_cache: str | Path | None = None) -> np.ndarray:
+    """Predicted classes (N,) of a single-label model (``feature_cache``: see :func:`predict_logits`)."""
     if len(images) == 0:
         return np.zeros(0, dtype=np.int64)
-    return predict_logits(model, images, batch_size).argmax(1).numpy()
+    return predict_logits(model, images, batch_size, feature_cache=feature_cache).argmax(1).numpy()

@@ -195,10 +195,15 @@ class _Counting:
         model.features = features
 
 
-def test_frozen_features_are_kept_on_disk_for_the_next_model_on_the_same_images(tmp_path, capsys):
+def _shards(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.glob("*/shard-*.pt"))
+
+
+def test_frozen_features_are_kept_on_disk_per_image(tmp_path, capsys):
     """The clean model and the victim of a run train on the same images with the same frozen extractor: the second
     reads the features from the cache (checking them on 4 images), whatever its head; another extractor, other
-    weights, another pooling grid or other images compute them afresh; wrong cached features are recomputed."""
+    weights or another pooling grid compute them afresh; a set that shares images with a cached one computes only
+    the others; wrong cached features are recomputed."""
     x, _ = _toy(40)
     data = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
     flips = TrainConfig(hflip=True).augment
@@ -210,7 +215,9 @@ def test_frozen_features_are_kept_on_disk_for_the_next_model_on_the_same_images(
     first = model()
     count = _Counting(first)
     stored = FrozenFeatures.of(first, data, flips, batch_size=16, cache_dir=tmp_path)
-    assert sum(count.seen) == 80 and len(list(tmp_path.glob("features-*.pt"))) == 1
+    key = FrozenFeatures.extractor_key(first)
+    assert sum(count.seen) == 80 and [s.split("/")[0] for s in _shards(tmp_path)] == [f"{key}-flipped",
+                                                                                       f"{key}-plain"]
     other_head = model(head_hidden=7)  # same extractor weights (same seed), another head: a cache hit
     count = _Counting(other_head)
     again = FrozenFeatures.of(other_head, data, flips, cache_dir=tmp_path)
@@ -218,23 +225,32 @@ def test_frozen_features_are_kept_on_disk_for_the_next_model_on_the_same_images(
     assert torch.equal(again.plain, stored.plain) and torch.equal(again.flipped, stored.flipped)
     plain_only = FrozenFeatures.of(model(), data, TrainConfig().augment, cache_dir=tmp_path)
     assert plain_only.flipped is None and torch.equal(plain_only.plain, stored.plain)
-    key = FrozenFeatures.key(first, data)
-    assert FrozenFeatures.key(model(head_hidden=7), data) == key
-    assert FrozenFeatures.key(model(seed=1), data) != key  # other weights
-    assert FrozenFeatures.key(model(pool=2), data) != key  # same weights, another pooling grid
-    assert FrozenFeatures.key(first, data.flip(2)) != key  # other images
-    # a cached file that does not hold for this extractor is not used
-    torch.save({"plain": stored.plain + 1.0, "flipped": stored.flipped}, tmp_path / f"features-{key}.pt")
+    assert FrozenFeatures.extractor_key(model(head_hidden=7)) == key
+    assert FrozenFeatures.extractor_key(model(seed=1)) != key  # other weights
+    assert FrozenFeatures.extractor_key(model(pool=2)) != key  # same weights, another pooling grid
+    # 5 images changed, 3 appended: only those 8 are computed, and the others come from the cache
+    changed = torch.cat([data, data[:3].flip(2)])
+    changed[:5] = 255 - changed[:5]
     count = _Counting(first)
-    fixed = FrozenFeatures.of(first, data, flips, batch_size=40, cache_dir=tmp_path)
-    assert "do not match" in capsys.readouterr().out and count.seen == [4, 40, 40]
+    mixed = FrozenFeatures.of(first, changed, TrainConfig().augment, batch_size=64, cache_dir=tmp_path)
+    assert count.seen == [4, 8]
+    with torch.no_grad():
+        assert torch.allclose(mixed.plain, first.eval().features(changed.float() / 255), atol=1e-5)
+    assert torch.equal(mixed.plain[5:40], stored.plain[5:40])
+    # cached features that do not hold for this extractor are not used
+    for shard in (tmp_path / f"{key}-plain").glob("shard-*.pt"):
+        state = torch.load(shard, weights_only=True)
+        torch.save({**state, "features": state["features"] + 1.0}, shard)
+    count = _Counting(first)
+    fixed = FrozenFeatures.of(first, data, TrainConfig().augment, batch_size=40, cache_dir=tmp_path)
+    assert "do not match" in capsys.readouterr().out and count.seen == [4, 40]
     assert torch.allclose(fixed.plain, stored.plain)
     # a cache of plain features only gains the mirrored ones when a recipe flips
-    torch.save({"plain": stored.plain, "flipped": None}, tmp_path / f"features-{key}.pt")
+    for shard in (tmp_path / f"{key}-flipped").glob("shard-*.pt"):
+        shard.unlink()
     count = _Counting(first)
     both = FrozenFeatures.of(first, data, flips, batch_size=40, cache_dir=tmp_path)
     assert count.seen == [4, 40] and torch.allclose(both.flipped, stored.flipped)
-    assert torch.load(tmp_path / f"features-{key}.pt", weights_only=True)["flipped"] is not None
 
 
 def test_weight_average_by_hand():

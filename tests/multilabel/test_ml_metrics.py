@@ -146,7 +146,7 @@ def test_scores_through_cached_frozen_features_equal_the_whole_model(tmp_path):
     first = multilabel_scores(model, images, batch_size=16, feature_cache=tmp_path)
     again = multilabel_scores(model, images, batch_size=16, feature_cache=tmp_path)
     assert calls[:2] == [16, 14] and sum(calls[2:]) == 4  # then only the cache's check of its first images
-    assert len(list(tmp_path.glob("features-*.pt"))) == 1
+    assert len(list(tmp_path.glob("*-plain/shard-*.pt"))) == 1
     np.testing.assert_allclose(first, whole, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(again, first)
     with pytest.raises(ValueError, match="no images"):
