@@ -56,7 +56,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     budgets = [_budget(b) for b in args.budgets.split(",") if b.strip()]
     baselines = () if args.no_baseline else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
-    run_sweep(_load(args), budgets, baselines=baselines)
+    seeds = _seeds(args.seeds) if args.seeds else None
+    run_sweep(_load(args), budgets, baselines=baselines, seeds=seeds)
     return 0
 
 
@@ -67,6 +68,15 @@ def _budget(text: str) -> int | float:
         return int(text) if text.strip().isdigit() else float(text)
     except ValueError:
         raise ConfigError(f"--budgets takes comma-separated counts or fractions, got {text!r}") from None
+
+
+def _seeds(text: str) -> list[int]:
+    from cleanbackdoor.errors import ConfigError
+
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts or not all(t.isdigit() for t in parts):
+        raise ConfigError(f"--seeds takes comma-separated non-negative integers, got {text!r}")
+    return [int(t) for t in parts]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -145,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sweep)
     sweep.add_argument("--budgets", required=True, help="comma-separated counts (or fractions) of training examples")
     sweep.add_argument("--baselines", default="random_flip",
-                       help="label-only baselines at each budget: random_flip, inner_product (comma-separated)")
+                       help="baselines at each budget (comma-separated): random_flip, inner_product (label-only), "
+                            "badnets (the dirty-label bound)")
+    sweep.add_argument("--seeds", help="comma-separated seeds: every point runs once per seed; the table and plots "
+                                       "show the mean and the standard deviation")
     sweep.add_argument("--no-baseline", action="store_true", help="skip the baselines")
     sweep.set_defaults(func=cmd_sweep)
     table = sub.add_parser("defense-table", help="attacks (rows) x defenses (columns): detection and after-defense "

@@ -97,6 +97,9 @@ class ExperimentConfig(BaseModel):
     cache_dir: str | None = None
     progress: bool = True
     clean_baseline: bool = True
+    # label-only attacks: also train BadNets with the same trigger, target, sources and count (the bound no
+    # label-only attack can beat in this setting)
+    dirty_label_control: bool = True
     examples: int = Field(8, ge=0, le=32)
     data: DataConfig = Field(default_factory=DataConfig)
     attack: dict[str, Any] = Field(default_factory=lambda: {"name": "badnets"})

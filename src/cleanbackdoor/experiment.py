@@ -136,21 +136,50 @@ def multilabel_model_scores(cfg: ExperimentConfig, model: nn.Module, images: np.
     return multilabel_scores(model, images if rows is None else images[rows])
 
 
-def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning) -> dict[str, Any]:
-    """CTA, ASR and the attack's own figures for one model, measured identically for every attack."""
+def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning,
+             feature_cache: Path | None = None) -> dict[str, Any]:
+    """CTA, ASR and the attack's own figures for one model, measured identically for every attack.
+    ``feature_cache``: predict through a frozen extractor's cached features (a model whose head alone trained)."""
     if test.multilabel:  # mAP and the goal's ASR on label sets: cleanbackdoor.multilabel_metrics, via the attack
         return attack.extra_metrics(model, test, poisoning)
-    out: dict[str, Any] = {"clean_accuracy": accuracy(predict(model, test.images), test.labels)}
+
+    def classes(images: np.ndarray) -> np.ndarray:
+        return predict(model, images, feature_cache=feature_cache)
+
+    out: dict[str, Any] = {"clean_accuracy": accuracy(classes(test.images), test.labels)}
     if poisoning.activation is not None and poisoning.target is not None:
         eligible = attack.asr_mask(test, poisoning)
         triggered = poisoning.activation(test.images[eligible])
-        out["attack_success_rate"] = attack_success_rate(predict(model, triggered), poisoning.target)
+        out["attack_success_rate"] = attack_success_rate(classes(triggered), poisoning.target)
         # the same images without the trigger: what of the ASR the trigger does not explain (a label-only attack
         # can also just move the whole source class towards the target)
-        out["asr_without_trigger"] = attack_success_rate(predict(model, test.images[eligible]), poisoning.target)
+        out["asr_without_trigger"] = attack_success_rate(classes(test.images[eligible]), poisoning.target)
         out["asr_test_images"] = int(eligible.sum())
     out.update(attack.extra_metrics(model, test, poisoning))
     return out
+
+
+def frozen_features(cfg: ExperimentConfig) -> Path | None:
+    """The feature cache when the victim trains its head alone on a frozen extractor, else None."""
+    return feature_cache(cfg) if cfg.train.finetune == "last" else None
+
+
+def dirty_label_control(cfg: ExperimentConfig, splits: Splits, attack: Attack, poisoning: Poisoning,
+                        log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The dirty-label bound of a label-only attack: BadNets with the same trigger, target and sources on as many
+    training images as the attack changed, trained and measured with the same recipe and seed. When it fails, no
+    label-only attack can succeed in this setting, and the attack's own figure says nothing about the attack."""
+    spec = attack.dirty_label_spec(poisoning, splits.train)
+    if spec is None:
+        return None
+    control = build_attack("badnets", spec)
+    dirty = control.poison(splits.train, seed=cfg.seed)
+    images, targets = dirty.apply(splits.train)
+    model = train_model(cfg, splits.train, images, targets, desc="dirty-label control")
+    out = evaluate(model, splits.test, control, dirty, frozen_features(cfg))
+    log(f"dirty-label control (BadNets, {dirty.poisoned_examples} triggered source images relabelled, same "
+        f"trigger): CTA {100 * out['clean_accuracy']:.1f}%, ASR {100 * out['attack_success_rate']:.1f}%")
+    return {"attack": "badnets", "poisoned_examples": dirty.poisoned_examples, **out}
 
 
 # -- the whole run ------------------------------------------------------------------------------------------
@@ -207,7 +236,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
             pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log)
 
     context = AttackContext(cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log,
-                            model=cfg.model, train=cfg.train)
+                            model=cfg.model, train=cfg.train, victim=lambda s: new_model(cfg, train_set, s),
+                            heldout=test_set, features_dir=feature_cache(cfg))
     with timer.stage("attack"):
         poisoning = attack.poison(train_set, seed=cfg.seed, context=context)
     poisoning.save(out)
@@ -231,11 +261,13 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
                     multilabel_model_scores(cfg, model, images, rows=poisoning.mask),
                     BackdoorSpec.from_metadata(poisoning.metadata))
         else:
-            poisoned_metrics = evaluate(model, test_set, attack, poisoning)
+            poisoned_metrics = evaluate(model, test_set, attack, poisoning, frozen_features(cfg))
             if poisoning.mask.any():
                 # did the victim fit the poisoned labels? (a label-only backdoor needs them memorized)
                 changed = np.flatnonzero(poisoning.mask)
-                poisoned_metrics["poison_fit_rate"] = accuracy(predict(model, images[changed]), targets[changed])
+                hard = poisoning.hard_labels()
+                poisoned_metrics["poison_fit_rate"] = accuracy(
+                    predict(model, images[changed], feature_cache=frozen_features(cfg)), hard[changed])
 
     clean = None
     clean_metrics: dict[str, Any] | None = None
@@ -250,7 +282,12 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
                 # how much of the ASR the extractor's perception of the trigger allows
                 poisoned_metrics.update(trigger_recognition(clean_scores, victim_scores, test_set.labels, spec))
             else:
-                clean_metrics = evaluate(clean, test_set, attack, poisoning)
+                clean_metrics = evaluate(clean, test_set, attack, poisoning, frozen_features(cfg))
+
+    control = None
+    if cfg.dirty_label_control and not attack.multilabel:
+        with timer.stage("dirty_label_control"):
+            control = dirty_label_control(cfg, splits, attack, poisoning, log)
 
     metrics: dict[str, Any] = {
         "attack": cfg.attack_name,
@@ -267,6 +304,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
         "sources": list(poisoning.sources) if poisoning.sources else "all",
         **poisoned_metrics,
         "clean_model": clean_metrics,
+        **({"dirty_label_control": control} if control is not None else {}),
+        **({"attack_diagnostics": poisoning.figures()} if poisoning.diagnostics else {}),
     }
 
     if cfg.defenses:  # detection against the true mask, removal + retraining: cleanbackdoor.defenses.stage

@@ -143,7 +143,12 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, title: str, clean:
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
         xs = [100 * r["clean_accuracy"] for r in pts]
         ys = [100 * r["attack_success_rate"] for r in pts]
-        ax.plot(xs, ys, marker=markers[m], label=m)
+        if all("attack_success_rate_std" in r for r in pts):  # the mean over seeds, +- one standard deviation
+            ax.errorbar(xs, ys, xerr=[100 * r["clean_accuracy_std"] for r in pts],
+                        yerr=[100 * r["attack_success_rate_std"] for r in pts], marker=markers[m], label=m,
+                        capsize=2, elinewidth=0.8)
+        else:
+            ax.plot(xs, ys, marker=markers[m], label=m)
         for r, x, y in zip(pts, xs, ys):
             ax.annotate(str(r["budget"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     if clean:
@@ -167,11 +172,19 @@ def plot_budget_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -
     for m in sorted({r["method"] for r in rows}):
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
         b = [r["budget"] for r in pts]
-        (line,) = axes[0].plot(b, [100 * r["attack_success_rate"] for r in pts], marker="o", label=m)
+        spread = all("attack_success_rate_std" in r for r in pts)  # the mean over seeds, +- one std
+
+        def err(key: str) -> list[float] | None:
+            return [100 * r[f"{key}_std"] for r in pts] if spread else None
+
+        line = axes[0].errorbar(b, [100 * r["attack_success_rate"] for r in pts], yerr=err("attack_success_rate"),
+                                marker="o", label=m, capsize=2).lines[0]
         if all(r.get("asr_without_trigger") is not None for r in pts):
-            axes[0].plot(b, [100 * r["asr_without_trigger"] for r in pts], linestyle="--", marker=".",
-                         color=line.get_color(), label=f"{m}, no trigger")
-        axes[1].plot(b, [100 * r["clean_accuracy"] for r in pts], marker="o", label=m)
+            axes[0].errorbar(b, [100 * r["asr_without_trigger"] for r in pts], yerr=err("asr_without_trigger"),
+                             linestyle="--", marker=".", color=line.get_color(), label=f"{m}, no trigger",
+                             capsize=2)
+        axes[1].errorbar(b, [100 * r["clean_accuracy"] for r in pts], yerr=err("clean_accuracy"), marker="o",
+                         label=m, capsize=2)
     axes[0].set_ylabel("ASR (%)")
     axes[0].set_ylim(-3, 103)
     axes[1].set_ylabel("CTA (%)")

@@ -6,16 +6,18 @@ import pytest
 import torch
 
 from cleanbackdoor.attacks import AttackContext, build_attack
+from cleanbackdoor.attacks import flip as flip_module
 from cleanbackdoor.attacks.flip import (FunctionalSGD, LabelData, chunked_matching_loss_and_label_grad, combine_runs,
-                                        distillation_labels, margin_scores, matching_loss_and_label_grad,
-                                        optimize_labels, poisoned_training_set, select_flips, train_expert)
+                                        distillation_labels, expert_recipe, is_checkpoint, margin_scores,
+                                        matching_loss_and_label_grad, optimize_labels, poisoned_training_set,
+                                        select_flips, train_expert)
 from cleanbackdoor.config import ModelConfig, load_config
 from cleanbackdoor.data import ImageSet
 from cleanbackdoor.data.transforms import Augment
 from cleanbackdoor.errors import BudgetError, ConfigError
 from cleanbackdoor.models import build_model
 from cleanbackdoor.sweep import run_sweep
-from cleanbackdoor.training import TrainConfig
+from cleanbackdoor.training import FrozenFeatures, TrainConfig, freeze_all_but_head
 from cleanbackdoor.triggers import build_trigger
 
 
@@ -160,9 +162,9 @@ def test_label_optimization_in_chunks_and_resumed_gives_the_same_logits(tmp_path
     recipe = TrainConfig(epochs=4, batch_size=32, lr=0.05, crop_padding=1)
     trig = build_trigger("patch", (1, 8, 8))
     imgs, labels, origin = poisoned_training_set(train.images, train.labels, trig, (2,), 0)
-    traj = train_expert(_model(), imgs, labels, recipe, expert_epochs=2, checkpoint_every=2, seed=0,
-                        device=torch.device("cpu"), progress=False)
-    assert len(traj) == 5  # steps 0, 2, 4, 6, 8 of 2 epochs x 5 steps
+    traj, _ = train_expert(_model(), imgs, labels, recipe, expert_epochs=2, checkpoint_every=2, seed=0,
+                           device=torch.device("cpu"), progress=False)
+    assert len(traj) == 5  # steps 0, 2, 4, 6, 8 of 2 epochs x 5 steps (schedule "recipe")
     fs = FunctionalSGD(_model(), recipe)
     data = LabelData.build(train.images, train.labels, imgs, labels, origin, torch.device("cpu"))
     kw = dict(passes=3, batch_size=32, lr=150.0, momentum=0.5, init_scale=5.0, l1=0.0, seed=3, progress=False)
@@ -181,6 +183,111 @@ def test_label_optimization_in_chunks_and_resumed_gives_the_same_logits(tmp_path
     assert torch.equal(full, resumed) and losses2 == losses
 
 
+def test_student_reads_the_clean_origin_of_every_entry(monkeypatch):
+    """The premise of FLIP: the expert steps on the poisoned batch (triggered source copies labelled target), the
+    student on the *clean* image each entry comes from. Hand-checked on 6 images, 2 of them sources: every label
+    step's student batch must be images[origin[idx]] and its expert batch the poisoned entries idx."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 200, (6, 8, 8, 1)).astype(np.uint8)
+    labels = np.array([0, 1, 2, 2, 0, 1])
+    trig = build_trigger("patch", (1, 8, 8), size=2, pattern="white")
+    ext, ext_labels, origin = poisoned_training_set(images, labels, trig, (2,), 0)
+    assert origin.tolist() == [0, 1, 2, 3, 4, 5, 2, 3] and ext_labels.tolist() == [0, 1, 2, 2, 0, 1, 0, 0]
+    seen = []
+
+    def spy(fs, theta, buf, lr, x_e, y_e, x_s, soft, method):
+        seen.append((x_e.clone(), y_e.clone(), x_s.clone()))
+        return torch.zeros(()), torch.zeros_like(soft)
+
+    monkeypatch.setattr(flip_module, "matching_loss_and_label_grad", spy)
+    recipe = TrainConfig(epochs=1, batch_size=4, lr=0.05)
+    traj, _ = train_expert(_model(), ext, ext_labels, recipe, expert_epochs=1, checkpoint_every=1, seed=0,
+                           device=torch.device("cpu"), progress=False)
+    data = LabelData.build(images, labels, ext, ext_labels, origin, torch.device("cpu"))
+    optimize_labels(FunctionalSGD(_model(), recipe), [traj], data, 3, Augment(), passes=3, batch_size=8, lr=1.0,
+                    momentum=0.0, init_scale=5.0, l1=0.0, seed=0, progress=False)
+    as_float = torch.from_numpy(ext).permute(0, 3, 1, 2).float() / 255
+    clean = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    assert len(seen) == 3
+    for x_e, y_e, x_s in seen:  # one step a pass on all 8 entries, in a random order
+        idx = [next(i for i in range(8) if torch.equal(as_float[i], x)) for x in x_e]
+        assert sorted(idx) == list(range(8)) and y_e.tolist() == ext_labels[idx].tolist()
+        assert torch.equal(x_s, clean[origin[idx]])  # the clean origin, also for the triggered entries
+        assert not torch.equal(x_s, x_e)
+
+
+def test_head_only_label_step_equals_the_full_model_step_with_a_frozen_backbone():
+    """FLIP on cached features: the head-only step on the frozen extractor's features is the step of the whole
+    model whose backbone is frozen (batch norm in eval mode), to float tolerance, by both routes."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", (1, 8, 8), 3, head_hidden=6)
+    model.train()
+    for _ in range(2):  # running statistics that differ from the initial ones
+        model(torch.rand(16, 1, 8, 8))
+    freeze_all_but_head(model)
+    recipe = TrainConfig(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, finetune="last")
+    full = FunctionalSGD(model, recipe)
+    head = FunctionalSGD(model.head, recipe.model_copy(update={"finetune": "all"}))
+    assert full.names == [f"head.{n}" for n in head.names]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.head.parameters()])
+    buf = torch.randn_like(theta) * 0.01
+    xe, xs = torch.rand(10, 1, 8, 8), torch.rand(10, 1, 8, 8)
+    ye = torch.randint(0, 3, (10,))
+    soft = torch.softmax(torch.randn(10, 3), 1)
+    model.eval()
+    with torch.no_grad():
+        fe, fsx = model.features(xe), model.features(xs)
+    for method in ("autograd", "linearized"):
+        l_full, g_full = matching_loss_and_label_grad(full, theta, buf, torch.tensor(0.05), xe, ye, xs, soft, method)
+        l_head, g_head = matching_loss_and_label_grad(head, theta, buf, torch.tensor(0.05), fe, ye, fsx, soft, method)
+        assert torch.allclose(l_full, l_head, rtol=1e-5)
+        assert torch.allclose(g_full, g_head, atol=1e-5 * float(g_full.abs().max()))
+
+
+def test_head_only_expert_on_features_is_the_expert_on_images():
+    """An expert that trains its head on precomputed features follows the trajectory the training loop gives on
+    the images (which computes the same features itself), and stores the head's parameters only."""
+    train = _tiny(n=60)
+    torch.manual_seed(0)
+    base = build_model("resnet20", (1, 8, 8), 3)
+    recipe = expert_recipe(TrainConfig(epochs=3, batch_size=16, lr=0.05, finetune="last", hflip=True), "authors")
+
+    def fresh():
+        m = copy_of(base)
+        torch.manual_seed(1)
+        m.head = torch.nn.Linear(base.backbone.feature_dim, 3)
+        return m
+
+    copy_of = __import__("copy").deepcopy
+    kw = dict(expert_epochs=2, checkpoint_every=2, seed=0, device=torch.device("cpu"), schedule="authors",
+              progress=False)
+    on_images, _ = train_expert(fresh(), train.images, train.labels, recipe, **kw)
+    extractor = fresh().eval()
+    feats = FrozenFeatures.of(extractor, torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous(),
+                              recipe.augment)
+    on_features, _ = train_expert(fresh(), None, train.labels, recipe, features=feats, **kw)
+    head_size = sum(p.numel() for p in fresh().head.parameters())
+    assert on_images.params.shape == on_features.params.shape == (len(on_images), head_size)
+    assert torch.equal(on_images.steps, on_features.steps)
+    assert torch.allclose(on_images.params, on_features.params, atol=1e-5)
+
+
+def test_authors_schedule_constant_lr_and_no_initial_checkpoint():
+    """The authors' experts: constant lr, a checkpoint after iterations k, 2k, ... of every epoch, never step 0.
+    Here 40 entries in batches of 8 (5 steps an epoch), k = 2: in-epoch steps 2 and 4, i.e. steps 2, 4, 7, 9."""
+    assert [s for s in range(10) if is_checkpoint(s, 5, 2, "authors")] == [2, 4, 7, 9]
+    assert [s for s in range(10) if is_checkpoint(s, 5, 2, "recipe")] == [0, 2, 4, 6, 8]
+    train = _tiny(n=40)
+    onecycle = TrainConfig(epochs=10, batch_size=8, lr=0.05, schedule="onecycle")
+    recipe = expert_recipe(onecycle, "authors")
+    assert recipe.schedule == "constant" and expert_recipe(onecycle, "recipe") is onecycle
+    traj, _ = train_expert(_model(), train.images, train.labels, recipe, expert_epochs=2, checkpoint_every=2,
+                           seed=0, device=torch.device("cpu"), schedule="authors", progress=False)
+    assert traj.steps.tolist() == [2, 4, 7, 9]
+    assert torch.allclose(traj.lr, torch.full((4,), 0.05))
+    assert not torch.equal(traj.params[0], _flat(_model()))  # the initialization is never kept
+
+
 # -- the attack's contract -------------------------------------------------------------------------------------
 FAST = dict(target=0, sources=[2], trigger={"name": "patch"}, expert_epochs=2, checkpoint_every=3,
             label_passes=2, label_batch=32)
@@ -196,7 +303,8 @@ def test_flip_contract_budget_and_determinism(tmp_path):
     train = _tiny()
     attack = build_attack("flip", {**FAST, "budget": 7})
     p = attack.poison(train, seed=0, context=_ctx(tmp_path))
-    assert len(attack.last_runs) == 1 and attack.last_runs[0].shape == (len(train), 3)  # kept for diagnostics
+    assert p.diagnostics["label_runs"].shape == (1, len(train), 3)  # kept for diagnostics
+    assert p.diagnostics["scores"].shape == (len(train),) and p.diagnostics["logits"].shape == (len(train), 3)
     assert p.labels.shape == (len(train),) and p.mask.sum() == 7 == p.budget
     assert (p.labels[p.mask] != train.labels[p.mask]).all()
     assert np.array_equal(p.labels[~p.mask], train.labels[~p.mask])
@@ -218,7 +326,7 @@ def test_whole_set_label_batch_is_one_step_per_pass(tmp_path):
     explicit = build_attack("flip", {**FAST, "label_batch": entries, "budget": 5}).poison(
         train, seed=0, context=_ctx(tmp_path))
     assert np.array_equal(whole.labels, explicit.labels)
-    assert all(len(run) == FAST["label_passes"] for run in whole.metadata["label_losses"])
+    assert all(len(run) == FAST["label_passes"] for run in whole.diagnostics["label_losses"])
 
 
 def test_flip_failures():

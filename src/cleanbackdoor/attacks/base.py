@@ -11,7 +11,10 @@ poisoning ratio, the multi-label trigger's support) report the count they change
 
 **Poisoning.** The new labels (hard (N,), soft (N, C) or multi-label (N, K)), the boolean mask of the examples the
 attacker changed, the poisoned images where the attack changes pixels (hidden trigger, BadNets), the test-time
-activation (a function of uint8 images), the target and source classes, and the metadata that reproduces it.
+activation (a function of uint8 images), the target and source classes, the metadata that reproduces it, and the
+attack's own diagnostics (``diagnostics``: figures and arrays about how the attack went, e.g. FLIP's experts'
+accuracy and attack success per epoch and its flip scores; the experiment copies the figures into
+``metrics.json``).
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class Poisoning:
     image_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     images: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # how the attack went: JSON figures (saved in poisoning.json, copied into metrics.json) and numpy arrays
+    # (saved in poisoning.npz as diagnostics/<name>)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.mask = np.asarray(self.mask, dtype=bool)
@@ -128,6 +134,10 @@ class Poisoning:
         """Hard labels (argmax of soft labels)."""
         return self.labels.argmax(1) if self.soft else self.labels
 
+    def figures(self) -> dict[str, Any]:
+        """The diagnostics that are not arrays: what ``metrics.json`` reports as ``attack_diagnostics``."""
+        return {k: v for k, v in self.diagnostics.items() if not isinstance(v, np.ndarray)}
+
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -135,10 +145,12 @@ class Poisoning:
         arrays = {"labels": self.labels, "mask": self.mask, "image_indices": self.image_indices}
         if self.images is not None:
             arrays["images"] = self.images
+        arrays.update({f"{_DIAGNOSTIC}{k}": v for k, v in self.diagnostics.items() if isinstance(v, np.ndarray)})
         np.savez_compressed(folder / "poisoning.npz", **arrays)
         info = {"attack": self.attack, "target": self.target, "sources": list(self.sources) if self.sources else None,
                 "budget": self.budget, "poisoned_examples": self.poisoned_examples,
-                "activation": getattr(self.activation, "params", lambda: None)(), "metadata": self.metadata}
+                "activation": getattr(self.activation, "params", lambda: None)(), "metadata": self.metadata,
+                "diagnostics": self.figures()}
         (folder / "poisoning.json").write_text(json.dumps(info, indent=2, default=_json_default))
 
     @classmethod
@@ -155,9 +167,14 @@ class Poisoning:
             name, seed = spec.pop("name"), spec.pop("seed", 0)
             spec.pop("image_shape", None)
             activation = build_trigger(name, image_shape, seed=seed, **spec)
+        diagnostics = {**info.get("diagnostics", {}),
+                       **{k[len(_DIAGNOSTIC):]: v for k, v in arrays.items() if k.startswith(_DIAGNOSTIC)}}
         return cls(info["attack"], arrays["labels"], arrays["mask"], activation, info["target"],
                    tuple(info["sources"]) if info["sources"] else None, info["budget"], arrays["image_indices"],
-                   arrays.get("images"), info.get("metadata", {}))
+                   arrays.get("images"), info.get("metadata", {}), diagnostics)
+
+
+_DIAGNOSTIC = "diagnostics/"  # prefix of the diagnostic arrays in poisoning.npz
 
 
 def _json_default(o: Any) -> Any:
@@ -172,8 +189,12 @@ def _json_default(o: Any) -> Any:
 
 @dataclass
 class AttackContext:
-    """What an attack may borrow from the experiment: where to cache, which device, the victim's recipe (the
-    attacker's default guess of it), and how to report progress."""
+    """What an attack may borrow from the experiment: where to cache, which device, the victim's architecture and
+    recipe (the attacker's default guess of them), and how to report progress.
+
+    ``victim(seed)`` builds a fresh victim network as the experiment does (with its pretrained extractor, if it has
+    one). ``heldout`` is a labelled set the attack may use to *report* on its own products (FLIP's experts' accuracy
+    and attack success per epoch), never to choose its poisoning; the experiment passes its test set."""
 
     cache_dir: Path | None = None
     device: str = "auto"
@@ -181,6 +202,9 @@ class AttackContext:
     log: Callable[[str], None] = print
     model: Any = None  # ModelConfig of the victim (an attacker's default guess)
     train: Any = None  # TrainConfig of the victim
+    victim: Callable[[int], Any] | None = None  # seed -> a fresh victim network (nn.Module)
+    heldout: ImageSet | None = None  # for diagnostics only
+    features_dir: Path | None = None  # where frozen extractors' features are cached (FrozenFeatures)
 
 
 class Configured:
@@ -219,6 +243,7 @@ class Attack(Configured, ABC):
     name: ClassVar[str]
     Params: ClassVar[type[AttackParams]] = AttackParams
     multilabel: ClassVar[bool] = False
+    label_only: ClassVar[bool] = False  # changes labels only, with a pixel trigger at test time
 
     # -- helpers for subclasses -----------------------------------------------------------------------------
     def resolve_classes(self, train: ImageSet) -> tuple[int, tuple[int, ...] | None]:
@@ -253,6 +278,22 @@ class Attack(Configured, ABC):
     def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
         """Attack-specific figures (e.g. NASR), measured on ``model``."""
         return {}
+
+    def dirty_label_spec(self, poisoning: Poisoning, train: ImageSet) -> dict[str, Any] | None:
+        """The parameters of BadNets as this label-only attack's dirty-label control: the same trigger, target and
+        sources, on as many source images as the attack changed (at most all of them). None for attacks that
+        change pixels or whose test-time trigger is not a pixel trigger."""
+        if not self.label_only or poisoning.target is None or not isinstance(poisoning.activation, Trigger):
+            return None
+        trigger = poisoning.activation.params()
+        for key in ("image_shape", "seed"):  # BadNets builds it for the same images with the same seed
+            trigger.pop(key, None)
+        available = int(asr_eligible(train.labels, poisoning.target, poisoning.sources).sum())
+        count = min(poisoning.poisoned_examples, available)
+        if count == 0:
+            return None
+        return {"target": poisoning.target, "sources": list(poisoning.sources) if poisoning.sources else "all",
+                "trigger": trigger, "budget": count}
 
 
 def format_validation_error(e: ValidationError) -> str:

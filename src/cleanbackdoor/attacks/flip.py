@@ -84,8 +84,10 @@ from cleanbackdoor.config import fingerprint, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.metrics import accuracy, asr_eligible, attack_success_rate
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import PRESETS, TrainConfig, resolve_device, save_atomic, train
+from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, predict, resolve_device, save_atomic,
+                                    train, trainable_parameters)
 from cleanbackdoor.triggers import Trigger
 
 
@@ -100,6 +102,10 @@ class FlipParams(AttackParams):
     n_experts: int = Field(1, ge=1, le=100)
     expert_epochs: int = Field(10, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    # "authors": constant learning rate (the recipe's lr), a checkpoint after every ``checkpoint_every`` iterations
+    # of each epoch (never the initialization); "recipe": the recipe's own schedule, a checkpoint every
+    # ``checkpoint_every`` steps counted from step 0
+    expert_schedule: Literal["authors", "recipe"] = "authors"
     expert_model: dict[str, Any] | None = None  # {name, options}; default: the victim's architecture
     expert_train: dict[str, Any] | None = None  # recipe overrides (or {preset = ...}); default: the victim's
     # stage 2: label optimization
@@ -136,7 +142,8 @@ def poisoned_training_set(images: np.ndarray, labels: np.ndarray, trigger: Trigg
 
 @dataclass
 class Trajectory:
-    """An expert's stored checkpoints: flat parameters, flat SGD momentum buffers and the lr of each."""
+    """An expert's stored checkpoints: flat trainable parameters, their flat SGD momentum buffers and the lr of
+    each (with ``finetune = "last"`` the head's parameters only: the frozen extractor never moves)."""
 
     params: torch.Tensor  # (K, P)
     momentum: torch.Tensor  # (K, P)
@@ -152,47 +159,85 @@ class Trajectory:
     def state(self) -> dict[str, torch.Tensor]:
         return {"params": self.params, "momentum": self.momentum, "lr": self.lr, "steps": self.steps}
 
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Trajectory:
+        return cls(state["params"], state["momentum"], state["lr"], state["steps"])
+
 
 def _flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1) for p in trainable_parameters(model)])
 
 
 def _flat_momentum(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
     parts = []
-    for p in model.parameters():
+    for p in trainable_parameters(model):
         buf = opt.state.get(p, {}).get("momentum_buffer")
         parts.append(torch.zeros_like(p).reshape(-1) if buf is None else buf.detach().reshape(-1))
     return torch.cat(parts)
 
 
-def train_expert(model: nn.Module, images: np.ndarray, labels: np.ndarray, recipe: TrainConfig, *,
+def expert_recipe(recipe: TrainConfig, schedule: str) -> TrainConfig:
+    """The recipe the experts train with: the authors' constant learning rate, or the recipe as it is."""
+    if schedule == "recipe":
+        return recipe
+    return recipe.model_copy(update={"schedule": "constant", "warmup_epochs": 0.0, "milestones": []})
+
+
+def is_checkpoint(step: int, steps_per_epoch: int, every: int, schedule: str) -> bool:
+    """Whether the expert keeps the state before optimizer step ``step`` (0-based, counted over the whole run).
+
+    ``"authors"``: after iterations ``every``, 2 ``every``, ... of each epoch (the authors save after iterations
+    50/100/150/200 of every epoch), so never the initialization; ``"recipe"``: every ``every`` steps from step 0."""
+    if schedule == "recipe":
+        return step % every == 0
+    within = step % steps_per_epoch
+    return within > 0 and within % every == 0
+
+
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+def train_expert(model: nn.Module, images: np.ndarray | None, labels: np.ndarray, recipe: TrainConfig, *,
                  expert_epochs: int, checkpoint_every: int, seed: int, device: torch.device,
-                 work_dir: Path | None = None, progress: bool = True, desc: str = "expert") -> Trajectory:
-    """Train one expert on the poisoned set, keeping a checkpoint every ``checkpoint_every`` iterations of its
-    first ``expert_epochs`` epochs. With ``work_dir``, an interrupted run resumes where it stopped."""
+                 schedule: str = "recipe", features: FrozenFeatures | None = None, evaluate: Evaluate | None = None,
+                 work_dir: Path | None = None, progress: bool = True,
+                 desc: str = "expert") -> tuple[Trajectory, list[dict[str, float]]]:
+    """Train one expert on the poisoned set for its first ``expert_epochs`` epochs and keep its checkpoints
+    (:func:`is_checkpoint`; ``recipe`` is used as given: :func:`expert_recipe` makes the authors' one).
+
+    ``features``: with ``recipe.finetune = "last"``, the frozen extractor's features of the poisoned set; the
+    expert is then a head trained on them. ``evaluate(model)``, called after every epoch, returns figures of the
+    expert (its clean accuracy and attack success on held-out images), returned per epoch. With ``work_dir``, an
+    interrupted run resumes where it stopped."""
     snaps: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []
+    curve: list[dict[str, float]] = []
+    n = len(labels)
+    spe = math.ceil(n / min(recipe.batch_size, n))
     partial = work_dir / "trajectory.partial.pt" if work_dir else None
     ckpt = work_dir / "train.ckpt" if work_dir else None
     if partial is not None and partial.exists() and ckpt is not None and ckpt.exists():
         done_epochs = int(torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"])
-        spe = math.ceil(len(images) / min(recipe.batch_size, len(images)))
         saved = torch.load(partial, map_location="cpu", weights_only=True)
         snaps = [(int(s), float(lr), p, m) for s, lr, p, m in
                  zip(saved["steps"], saved["lr"], saved["params"], saved["momentum"]) if s < done_epochs * spe]
+        curve = [dict(c) for c in saved.get("curve", [])][:done_epochs]
 
     def on_step(step: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
-        if step % checkpoint_every == 0:
+        if is_checkpoint(step, spe, checkpoint_every, schedule):
             snaps.append((step, opt.param_groups[0]["lr"], _flat_params(m).cpu(), _flat_momentum(m, opt).cpu()))
 
     def on_epoch_end(epoch: int, m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if evaluate is not None:
+            curve.append({"epoch": epoch, **evaluate(m)})
         if partial is not None and snaps:
-            save_atomic(_stack(snaps).state(), partial)
+            save_atomic({**_stack(snaps).state(), "curve": curve}, partial)
 
     train(model, images, labels, recipe, seed=seed, device=device, progress=progress, desc=desc, on_step=on_step,
-          on_epoch_end=on_epoch_end, checkpoint=ckpt, stop_epoch=expert_epochs)
+          on_epoch_end=on_epoch_end, checkpoint=ckpt, stop_epoch=expert_epochs, features=features)
     if not snaps:
-        raise ConfigError("expert stored no checkpoint: lower checkpoint_every or raise expert_epochs")
-    return _stack(snaps)
+        raise ConfigError(f"expert stored no checkpoint: an epoch has {spe} steps; lower checkpoint_every or raise "
+                          "expert_epochs")
+    return _stack(snaps), curve
 
 
 def _stack(snaps: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> Trajectory:
@@ -203,17 +248,31 @@ def _stack(snaps: list[tuple[int, float, torch.Tensor, torch.Tensor]]) -> Trajec
 
 # -- stage 2: label optimization ----------------------------------------------------------------------------
 class FunctionalSGD:
-    """A model as a pure function of a flat parameter vector, and the SGD update of ``torch.optim.SGD``."""
+    """A model as a pure function of a flat vector of its trained parameters, and the SGD update of
+    ``torch.optim.SGD``.
+
+    With ``recipe.finetune = "last"`` only the head's parameters are variables: the rest of the model is a fixed
+    function in eval mode (its batch-norm layers use their running statistics, as the frozen extractor does in
+    training). Otherwise every parameter is, and batch-norm layers use the batch's statistics (as in training)
+    without touching their running statistics. A head alone (the route on cached features) is the first case's
+    function of the features."""
 
     def __init__(self, model: nn.Module, recipe: TrainConfig) -> None:
         if recipe.optimizer != "sgd":
             raise ConfigError(f"FLIP matches SGD trajectories; the expert recipe uses {recipe.optimizer!r}")
         self.module = copy.deepcopy(model)
-        replace_all_batch_norm_modules_(self.module)  # batch statistics, no running-stat side effects
-        self.module.train()
-        self.names = [n for n, _ in self.module.named_parameters()]
-        self.shapes = [p.shape for _, p in self.module.named_parameters()]
-        self.sizes = [p.numel() for _, p in self.module.named_parameters()]
+        head_only = recipe.finetune == "last" and isinstance(getattr(self.module, "head", None), nn.Module)
+        if head_only:
+            self.module.eval()
+            self.module.head.train()
+            trained = [(f"head.{n}", p) for n, p in self.module.head.named_parameters()]
+        else:
+            replace_all_batch_norm_modules_(self.module)  # batch statistics, no running-stat side effects
+            self.module.train()
+            trained = list(self.module.named_parameters())
+        self.names = [n for n, _ in trained]
+        self.shapes = [p.shape for _, p in trained]
+        self.sizes = [p.numel() for _, p in trained]
         self.momentum, self.nesterov, self.wd = recipe.momentum, recipe.nesterov, recipe.weight_decay
         # slope of the update with respect to the gradient: theta' = ... - lr * slope * g
         self.slope = (1 + self.momentum) if self.nesterov else 1.0
@@ -312,12 +371,34 @@ def chunked_matching_loss_and_label_grad(fs: FunctionalSGD, theta: torch.Tensor,
     return loss, g_soft
 
 
+class ImageInputs:
+    """Images (uint8 NCHW, on the device) as the label step reads them: scaled to [0, 1] and augmented."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def take(self, idx: torch.Tensor, draw: AugmentDraw, augment: Augment) -> torch.Tensor:
+        return augment.apply(self.images[idx].float().div_(255), draw)
+
+
+class FeatureInputs:
+    """A frozen extractor's features (:class:`~cleanbackdoor.training.FrozenFeatures`) as the label step reads
+    them: the features of the image, or of its mirror image where the augmentation draw flips it."""
+
+    def __init__(self, features: FrozenFeatures) -> None:
+        self.features = features
+
+    def take(self, idx: torch.Tensor, draw: AugmentDraw, augment: Augment) -> torch.Tensor:
+        return self.features.select(idx, draw.flip if augment.hflip else None)
+
+
 @dataclass
 class LabelData:
-    """The tensors label optimization reads, on the device."""
+    """What label optimization reads, on the device: the inputs of the poisoned set (clean entries, then the
+    triggered source copies) and of the clean set, as images or as a frozen extractor's features."""
 
-    clean: torch.Tensor  # uint8 (N, C, H, W)
-    expert_images: torch.Tensor  # uint8 (N + S, C, H, W): clean, then triggered source copies
+    clean: ImageInputs | FeatureInputs  # (N, ...)
+    expert: ImageInputs | FeatureInputs  # (N + S, ...)
     expert_labels: torch.Tensor  # int64 (N + S,)
     origin: torch.Tensor  # int64 (N + S,): the clean image each entry comes from
     labels: torch.Tensor  # int64 (N,) true labels
@@ -325,8 +406,29 @@ class LabelData:
     @classmethod
     def build(cls, images: np.ndarray, labels: np.ndarray, ext_images: np.ndarray, ext_labels: np.ndarray,
               origin: np.ndarray, device: torch.device) -> LabelData:
-        return cls(to_nchw(images, device), to_nchw(ext_images, device), torch.from_numpy(ext_labels).long().to(device),
-                   torch.from_numpy(origin).long().to(device), torch.from_numpy(labels).long().to(device))
+        """From images: the clean set and the poisoned set (clean, then triggered copies)."""
+        return cls(ImageInputs(to_nchw(images, device)), ImageInputs(to_nchw(ext_images, device)),
+                   *_label_tensors(ext_labels, origin, labels, device))
+
+    @classmethod
+    def from_features(cls, clean: FrozenFeatures, triggered: FrozenFeatures, labels: np.ndarray,
+                      ext_labels: np.ndarray, origin: np.ndarray, device: torch.device) -> LabelData:
+        """From a frozen extractor's features of the clean set and of the triggered source copies."""
+        clean = FrozenFeatures(clean.plain.to(device), None if clean.flipped is None else clean.flipped.to(device))
+        triggered = FrozenFeatures(triggered.plain.to(device),
+                                   None if triggered.flipped is None else triggered.flipped.to(device))
+        return cls(FeatureInputs(clean), FeatureInputs(FrozenFeatures.concat([clean, triggered])),
+                   *_label_tensors(ext_labels, origin, labels, device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+
+def _label_tensors(ext_labels: np.ndarray, origin: np.ndarray, labels: np.ndarray,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(ext_labels).long().to(device), torch.from_numpy(origin).long().to(device),
+            torch.from_numpy(labels).long().to(device))
 
 
 def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: LabelData, num_classes: int,
@@ -337,7 +439,7 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
     """Learn the attacker's label logits (N, C) by one-step trajectory matching; returns them and the mean loss
     of each pass. A batch larger than ``chunk`` is processed in chunks (:func:`chunked_matching_loss_and_label_grad`).
     With ``work_dir``, the state is saved after every pass and an interrupted run resumes."""
-    dev = data.clean.device
+    dev = data.device
     logits = (init_scale * F.one_hot(data.labels, num_classes).float()).requires_grad_(True)
     opt = torch.optim.SGD([logits], lr=lr, momentum=momentum)
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -369,9 +471,10 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
             soft = F.softmax(logits[src], dim=1)
 
             def load(rows: slice = slice(None), idx=idx, src=src, draw=draw) -> tuple:
+                # the expert reads the poisoned entries; the student the *clean* origin of each, same draw
                 part = AugmentDraw(draw.dy[rows], draw.dx[rows], draw.flip[rows])
-                return (augment.apply(data.expert_images[idx[rows]].float().div_(255), part),
-                        data.expert_labels[idx[rows]], augment.apply(data.clean[src[rows]].float().div_(255), part))
+                return (data.expert.take(idx[rows], part, augment), data.expert_labels[idx[rows]],
+                        data.clean.take(src[rows], part, augment))
 
             if chunk is None or len(idx) <= chunk:
                 x_e, y_e, x_s = load()
@@ -459,6 +562,7 @@ class Flip(Attack):
 
     name = "flip"
     Params = FlipParams
+    label_only = True
 
     def _recipes(self, context: AttackContext) -> tuple[dict[str, Any], TrainConfig]:
         """The experts' architecture and recipe: the victim's (the attacker's guess of it) unless overridden."""
@@ -488,47 +592,83 @@ class Flip(Attack):
         m = resolve_budget(p.budget, len(train), len(train), "labels")
         trigger = p.trigger.build(train.image_shape, seed)
         model_cfg, recipe = self._recipes(ctx)
+        head_only = recipe.finetune == "last"
+        if head_only and recipe.crop_padding:
+            raise ConfigError("attack 'flip': a head on a frozen extractor trains on the extractor's features, "
+                              "computed once; random crops would change them every step (set crop_padding = 0)")
+        recipe = expert_recipe(recipe, p.expert_schedule)
         device = resolve_device(ctx.device)
         log = ctx.log
         ext_images, ext_labels, origin = poisoned_training_set(train.images, train.labels, trigger, sources, target)
-        mean, std = channel_stats(train.images)
+        normalization = functools.cache(lambda: channel_stats(train.images))
 
         def fresh_model(s: int) -> nn.Module:
+            if p.expert_model is None and ctx.victim is not None:  # the victim's architecture, as the experiment
+                return ctx.victim(s)                              # builds it (pretrained extractor included)
             torch.manual_seed(s)
-            return build_model(model_cfg["name"], train.image_shape, train.num_classes, mean, std,
+            return build_model(model_cfg["name"], train.image_shape, train.num_classes, *normalization(),
                                **model_cfg.get("options", {}))
 
-        base_key = [fingerprint(train.images, train.labels), trigger.params(), target, list(sources or []), model_cfg,
-                    recipe.model_dump(mode="json")]
+        # a head on a frozen extractor: everything below runs on the extractor's features, computed once
+        features = extractor = None
+        if head_only:
+            extractor = fresh_model(0).to(device)
+            features = self._features(extractor, train.images, ext_images[len(train):], recipe, ctx, device)
+            model_key = ["head-on-features", FrozenFeatures.extractor_key(extractor),
+                         model_cfg.get("options", {})]
+        else:
+            model_key = model_cfg
+        evaluate, heldout_key = self._expert_evaluation(ctx.heldout, trigger, target, sources, head_only,
+                                                        extractor, ctx, device)
+        base_key = [fingerprint(train.images, train.labels), trigger.params(), target, list(sources or []), model_key,
+                    recipe.model_dump(mode="json"), *([p.expert_schedule] if p.expert_schedule != "recipe" else [])]
         cache = Path(ctx.cache_dir) / FLIP if ctx.cache_dir else None
 
         # stage 1: experts (cached per expert)
-        trajectories = []
+        trajectories, curves = [], []
         for e in range(p.n_experts):
             key = stable_key("flip-expert", base_key, p.expert_epochs, p.checkpoint_every, seed, e)
             path = cache / f"expert-{key}.pt" if cache else None
             if path is not None and path.exists():
-                trajectories.append(Trajectory(**torch.load(path, map_location="cpu", weights_only=True)))
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                trajectories.append(Trajectory.from_state(saved))
+                curves.append([dict(c) for c in saved.get("curve", [])] if saved.get("heldout") == heldout_key
+                              else [])
                 log(f"flip: expert {e + 1}/{p.n_experts} loaded from cache")
                 continue
             work = cache / f"expert-{key}.work" if cache else None
             if work is not None:
                 work.mkdir(parents=True, exist_ok=True)
-            traj = train_expert(fresh_model(seed * 1000 + e), ext_images, ext_labels, recipe,
-                                expert_epochs=p.expert_epochs, checkpoint_every=p.checkpoint_every,
-                                seed=seed * 1000 + e, device=device, work_dir=work, progress=ctx.progress,
-                                desc=f"expert {e + 1}/{p.n_experts}")
+            model = fresh_model(seed * 1000 + e)
+            if head_only:
+                _check_same_extractor(model, extractor)
+            traj, curve = train_expert(
+                model, None if head_only else ext_images, ext_labels, recipe, expert_epochs=p.expert_epochs,
+                checkpoint_every=p.checkpoint_every, seed=seed * 1000 + e, device=device,
+                schedule=p.expert_schedule, features=features.expert if head_only else None, evaluate=evaluate,
+                work_dir=work, progress=ctx.progress, desc=f"expert {e + 1}/{p.n_experts}")
             if path is not None:
-                save_atomic(traj.state(), path)
+                save_atomic({**traj.state(), "curve": curve, "heldout": heldout_key}, path)
                 shutil.rmtree(work, ignore_errors=True)
             log(f"flip: expert {e + 1}/{p.n_experts} trained, {len(traj)} checkpoints")
             trajectories.append(traj)
+            curves.append(curve)
+        for e, curve in enumerate(curves):
+            if curve:  # does the trajectory carry the trigger? (the authors print this every epoch)
+                log(f"flip: expert {e + 1}: " + ", ".join(
+                    f"epoch {c['epoch']} CTA {100 * c['clean_accuracy']:.1f}% ASR {100 * c['attack_success_rate']:.1f}%"
+                    for c in curve))
 
         # stage 2: label optimization (cached per run)
-        fs = FunctionalSGD(fresh_model(0), recipe)
-        data = LabelData.build(train.images, train.labels, ext_images, ext_labels, origin, device)
+        if head_only:
+            fs = FunctionalSGD(extractor.head, recipe.model_copy(update={"finetune": "all"}))
+            data = LabelData.from_features(features.clean, features.triggered, train.labels, ext_labels, origin,
+                                           device)
+        else:
+            fs = FunctionalSGD(fresh_model(0), recipe)
+            data = LabelData.build(train.images, train.labels, ext_images, ext_labels, origin, device)
         batch = len(ext_labels) if p.label_batch == "all" else (p.label_batch or recipe.batch_size)
-        chunk = p.label_chunk if batch > p.label_chunk else None  # the result depends on it only then
+        chunk = p.label_chunk if batch > p.label_chunk and not head_only else None  # features: one piece
         runs, losses = [], []
         for r in range(p.label_runs):
             key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
@@ -565,10 +705,76 @@ class Flip(Attack):
             labels, mask = select_flips(scores, mean_logits, train.labels, m)
             budget = m
         new_hard = labels.argmax(1) if labels.ndim == 2 else labels
-        meta = {"seed": seed, "mode": p.mode, "label_losses": losses,
-                "n_checkpoints": [len(t) for t in trajectories], "expert_model": model_cfg,
+        meta = {"seed": seed, "mode": p.mode, "regime": "head on frozen features" if head_only else "whole network",
+                "expert_schedule": p.expert_schedule, "n_checkpoints": [len(t) for t in trajectories],
+                "expert_model": model_cfg,
                 "flipped_from": np.bincount(train.labels[mask], minlength=train.num_classes).tolist(),
                 "flipped_to": np.bincount(new_hard[mask], minlength=train.num_classes).tolist()}
-        self.last_scores, self.last_logits = scores, mean_logits  # for inspection and plots
-        self.last_runs = [r.numpy() for r in runs]  # each label run's logits (benchmarks/flip_signal.py)
-        return Poisoning(self.name, labels, mask, trigger, target, sources, budget, metadata=meta)
+        diagnostics = {"experts": curves, "label_losses": losses,
+                       "scores": scores, "logits": mean_logits, "label_runs": np.stack([r.numpy() for r in runs])}
+        return Poisoning(self.name, labels, mask, trigger, target, sources, budget, metadata=meta,
+                         diagnostics=diagnostics)
+
+    @staticmethod
+    def _features(extractor: nn.Module, images: np.ndarray, triggered: np.ndarray, recipe: TrainConfig,
+                  ctx: AttackContext, device: torch.device) -> _Features:
+        """The frozen extractor's features of the clean training set and of the triggered source copies (cached in
+        ``ctx.features_dir``: the clean set's are the ones the victim's training reads)."""
+        aug = Augment(0, recipe.hflip)
+        clean = FrozenFeatures.of(extractor, to_nchw(images, device), aug, cache_dir=ctx.features_dir)
+        trig = FrozenFeatures.of(extractor, to_nchw(triggered, device), aug, cache_dir=ctx.features_dir)
+        if clean is None or trig is None:
+            raise ConfigError("attack 'flip': train.finetune = 'last' needs a model with `features` and `head`")
+        ctx.log(f"flip: the head-only victim's frozen features ({clean.plain.shape[1]} per image) of "
+                f"{len(clean)} clean and {len(trig)} triggered images")
+        return _Features(clean, trig, FrozenFeatures.concat([clean, trig]))
+
+    @staticmethod
+    def _expert_evaluation(heldout: ImageSet | None, trigger: Trigger, target: int, sources: tuple[int, ...] | None,
+                           head_only: bool, extractor: nn.Module | None, ctx: AttackContext,
+                           device: torch.device) -> tuple[Evaluate | None, str | None]:
+        """An expert's clean accuracy and attack success on the held-out set (diagnostics only), and a key of that
+        set; (None, None) without one."""
+        if heldout is None or heldout.multilabel:
+            return None, None
+        eligible = asr_eligible(heldout.labels, target, sources)
+        triggered = trigger(heldout.images[eligible])
+        key = stable_key(fingerprint(heldout.images, heldout.labels), trigger.params(), target, list(sources or []))
+        if head_only:
+            clean_x = FrozenFeatures.of(extractor, to_nchw(heldout.images, device), Augment(),
+                                        cache_dir=ctx.features_dir).plain
+            trig_x = FrozenFeatures.of(extractor, to_nchw(triggered, device), Augment(),
+                                       cache_dir=ctx.features_dir).plain
+
+            @torch.no_grad()
+            def predictions(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+                model.eval()
+                return model.head(clean_x).argmax(1).cpu().numpy(), model.head(trig_x).argmax(1).cpu().numpy()
+        else:
+            def predictions(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+                return predict(model, heldout.images), predict(model, triggered)
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            was_training = model.training
+            clean_pred, trig_pred = predictions(model)
+            model.train(was_training)
+            return {"clean_accuracy": accuracy(clean_pred, heldout.labels),
+                    "attack_success_rate": attack_success_rate(trig_pred, target)}
+
+        return evaluate, key
+
+
+@dataclass
+class _Features:
+    clean: FrozenFeatures  # (N, D): the clean training set
+    triggered: FrozenFeatures  # (S, D): the triggered source copies
+    expert: FrozenFeatures  # (N + S, D): the poisoned set the experts train on
+
+
+def _check_same_extractor(model: nn.Module, extractor: nn.Module) -> None:
+    """Head-only experts read one set of cached features: every expert must share the frozen extractor."""
+    a = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    b = {k: v for k, v in extractor.state_dict().items() if not k.startswith("head.")}
+    if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
+        raise ConfigError("attack 'flip': with train.finetune = 'last' every expert must share the frozen "
+                          "extractor (a pretrained one: model.pretrained); this model's changes with the seed")

@@ -26,6 +26,7 @@ class RandomFlipParams(AttackParams):
 class RandomFlip(Attack):
     name = "random_flip"
     Params = RandomFlipParams
+    label_only = True
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
         if train.multilabel:
