@@ -14,7 +14,7 @@ classes are poisoned (``analysis``):
 - ``"size"``: the paper's *relative size* and *silhouette* analyses: the smaller cluster is poisoned when its
   relative size is at most ``max_cluster_fraction`` and the silhouette score of the 2-clustering is at least
   ``min_silhouette``. No training, but on this toolkit's data the clean classes split just as unevenly and as
-  cleanly as the poisoned one (see docs/results.md), so it flags nearly every class.
+  cleanly as the poisoned one (see docs/defenses.md), so it flags nearly every class.
 
 The flagged examples (the smaller cluster of every poisoned class) are removed and the model retrained by the
 experiment.
@@ -115,7 +115,8 @@ class ActivationClustering(Defense):
     def detect(self, data: ImageSet, model: nn.Module | None = None, *, seed: int = 0,
                context: DefenseContext | None = None) -> Detection:
         self._check_inputs(data, model)
-        features = penultimate_features(model, data.images)
+        features = penultimate_features(model, data.images,
+                                        feature_cache=(context or DefenseContext()).feature_cache)
         reclassify = None
         if self.params.analysis == "exclusionary":
             ctx = context or DefenseContext()

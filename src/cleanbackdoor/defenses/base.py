@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from cleanbackdoor.attacks.base import Configured
+from cleanbackdoor.cache import FEATURES
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
@@ -59,6 +60,14 @@ class DefenseContext:
     device: str = "auto"
     progress: bool = False
     log: Callable[[str], None] = lambda message: None
+
+    @property
+    def feature_cache(self) -> Path | None:
+        """Where a frozen extractor's features are cached, when the victim trains its head alone on one
+        (``train.finetune = "last"``): its penultimate features are then those, computed once per image."""
+        if self.cache_dir is None or self.train is None or self.train.finetune != "last":
+            return None
+        return Path(self.cache_dir) / FEATURES
 
 
 @dataclass

@@ -98,8 +98,8 @@ class ConfidentLearning(Defense):
             if data.multilabel:
                 raise ConfigError("defense 'confident_learning': probabilities = 'features' is for single-label "
                                   "data; use 'cross_val' for label sets")
-            probs = feature_probabilities(penultimate_features(model, data.images), data.labels, data.num_classes,
-                                          folds=p.folds, seed=seed)
+            features = penultimate_features(model, data.images, feature_cache=context.feature_cache)
+            probs = feature_probabilities(features, data.labels, data.num_classes, folds=p.folds, seed=seed)
         else:
             probs = cross_val_probabilities(data, folds=p.folds, seed=seed, context=context, epochs=p.epochs)
         return self.detect_probabilities(data.labels, probs)

@@ -11,21 +11,28 @@ from torch import nn
 from cleanbackdoor.cache import DEFENSES, FEATURES
 from cleanbackdoor.config import fingerprint, scale_milestones, stable_key
 from cleanbackdoor.data.imageset import ImageSet
-from cleanbackdoor.data.transforms import channel_stats, to_tensor
+from cleanbackdoor.data.transforms import Augment, channel_stats, to_nchw, to_tensor
 from cleanbackdoor.defenses.base import DefenseContext
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
 from cleanbackdoor.pretrain import model_key
-from cleanbackdoor.training import predict_logits, train
+from cleanbackdoor.training import FrozenFeatures, predict_logits, train
 
 
 @torch.inference_mode()
-def penultimate_features(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """The model's penultimate representation (``model.features``), (N, D) float64, in eval mode."""
+def penultimate_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
+                         feature_cache: Path | None = None) -> np.ndarray:
+    """The model's penultimate representation (``model.features``), (N, D) float64, in eval mode.
+    ``feature_cache``: the folder of a frozen extractor's cached features (a victim that trained its head alone)."""
     if not hasattr(model, "features"):
         raise ConfigError(f"{type(model).__name__} exposes no `features(x)`: the defense needs the penultimate layer")
     dev = next(model.parameters()).device
     model.eval()
+    if feature_cache is not None:
+        with torch.inference_mode(False):
+            cached = FrozenFeatures.of(model, to_nchw(images, dev), Augment(), batch_size, cache_dir=feature_cache)
+        if cached is not None:
+            return cached.plain.cpu().double().numpy()
     outs = [model.features(to_tensor(images[i:i + batch_size], dev)).float().flatten(1).cpu()
             for i in range(0, len(images), batch_size)]
     return torch.cat(outs).double().numpy()
@@ -90,9 +97,10 @@ def train_defender_model(data: ImageSet, index: np.ndarray, recipe, *, seed: int
     return model
 
 
-def probabilities(model: nn.Module, images: np.ndarray, multilabel: bool) -> np.ndarray:
+def probabilities(model: nn.Module, images: np.ndarray, multilabel: bool,
+                  feature_cache: Path | None = None) -> np.ndarray:
     """Predicted probabilities (N, K): softmax, or sigmoid for a multi-label model."""
-    logits = predict_logits(model, images)
+    logits = predict_logits(model, images, feature_cache=feature_cache)
     return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, 1)).double().numpy()
 
 
@@ -146,7 +154,7 @@ def cross_val_probabilities(data: ImageSet, *, folds: int, seed: int, context: D
     for f, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(data)), None if multilabel else labels)):
         model = train_defender_model(data, fit_idx, recipe, seed=seed + 1000 + f, context=context,
                                      desc=f"cross-validation fold {f + 1}/{folds}")
-        probs[held_idx] = probabilities(model, data.images[held_idx], multilabel)
+        probs[held_idx] = probabilities(model, data.images[held_idx], multilabel, context.feature_cache)
         context.log(f"cross-validation: fold {f + 1}/{folds} trained on {len(fit_idx)} examples")
     save_cached(path, probs)
     return probs
@@ -165,7 +173,7 @@ def held_out_probabilities(data: ImageSet, held_out: np.ndarray, *, seed: int, c
         return cached
     model = train_defender_model(data, np.flatnonzero(~held_out), recipe, seed=seed + 2000, context=context,
                                  desc="model without the held-out examples")
-    probs = probabilities(model, data.images, data.multilabel)
+    probs = probabilities(model, data.images, data.multilabel, context.feature_cache)
     save_cached(path, probs)
     return probs
 

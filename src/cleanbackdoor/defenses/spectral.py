@@ -76,7 +76,8 @@ class SpectralSignatures(Defense):
     def detect(self, data: ImageSet, model: nn.Module | None = None, *, seed: int = 0,
                context: DefenseContext | None = None) -> Detection:
         self._check_inputs(data, model)
-        features = penultimate_features(model, data.images)
+        features = penultimate_features(model, data.images,
+                                        feature_cache=(context or DefenseContext()).feature_cache)
         return self.detect_features(features, data.labels, data.num_classes)
 
     def detect_features(self, features: np.ndarray, labels: np.ndarray, num_classes: int) -> Detection:

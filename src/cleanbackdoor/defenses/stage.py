@@ -51,7 +51,7 @@ def _small(meta: dict[str, Any]) -> dict[str, Any]:
 def run_defenses(cfg: Any, splits: Splits, attack: Any, poisoning: Any, model: nn.Module, *,
                  log: Callable[[str], None] = print, work_dir: Path | None = None) -> dict[str, Any]:
     """Run ``cfg.defenses`` against ``model`` (trained on ``poisoning`` of ``splits.train``); returns the figures."""
-    from cleanbackdoor.experiment import evaluate, new_model, train_model  # noqa: PLC0415 - it imports this module
+    from cleanbackdoor.experiment import evaluate, frozen_features, new_model, train_model  # noqa: PLC0415
 
     defenses = build_defenses(cfg.defenses)
     train_set, test_set = splits.train, splits.test
@@ -84,7 +84,7 @@ def run_defenses(cfg: Any, splits: Splits, attack: Any, poisoning: Any, model: n
                                         checkpoint=ckpt, checkpoint_key=f"{key}|{det.flagged.tobytes().hex()[:64]}")
                 if ckpt is not None:
                     ckpt.unlink(missing_ok=True)
-                after = evaluate(retrained, test_set, attack, poisoning)
+                after = evaluate(retrained, test_set, attack, poisoning, frozen_features(cfg))
                 entry["after_removal"] = {"removed": int(det.flagged.sum()), "poisons_removed": m["true_positives"],
                                           "poisons_left": int((truth & keep).sum()), **after}
                 shown = {"CTA": "clean_accuracy", "mAP": "mean_average_precision", "ASR": "attack_success_rate"}
