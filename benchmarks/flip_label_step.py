@@ -7,9 +7,14 @@ backward with soft labels) and the differentiation of the matching loss back to 
 - disk:       the default route plus reloading the checkpoint from disk three times per batch, as the
               authors' code does;
 - chunked:    the default route on the same batch in ``--chunks`` pieces (``label_chunk``, for batches that do not
-              fit one differentiable pass): one more pass over the batch, the memory of one piece.
+              fit one differentiable pass): one more pass over the batch, the memory of one piece;
+- head:       the head-only route of a victim that trains its head on a frozen extractor (FLIP against a transfer
+              victim, ``train.finetune = "last"``): one label step on cached features (``--head-batch`` entries of
+              ``--feature-dim``, default the whole poisoned CIFAR-10 set of the transfer config, 55,000 x 64) divided
+              by one training step of the head on the same batch.
 
     PYTHONPATH=src python benchmarks/flip_label_step.py [--model convnet] [--batch 128] [--repeats 5] [--chunks 2]
+        [--head-batch 55000] [--feature-dim 64] [--head-hidden 0]
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cleanbackdoor.attacks.flip import FunctionalSGD, chunked_matching_loss_and_label_grad, matching_loss_and_label_grad
-from cleanbackdoor.models import build_model
+from cleanbackdoor.models import build_model, make_head
 from cleanbackdoor.training import TrainConfig, resolve_device
 
 
@@ -35,6 +40,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunks", type=int, default=2, help="pieces of the batch for the chunked route")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--head-batch", type=int, default=55000, help="entries of the head-only label step")
+    ap.add_argument("--feature-dim", type=int, default=64)
+    ap.add_argument("--head-hidden", type=int, default=0, help="hidden units of an MLP head (0: linear)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     torch.manual_seed(0)
@@ -84,9 +92,34 @@ def main() -> None:
         (soft * g).sum().backward()
         label_opt.step()
 
+    # the head-only route: a head on cached features, the whole poisoned set in one step
+    head = make_head(args.feature_dim, 10, args.head_hidden).to(dev)
+    feats = torch.randn(args.head_batch, args.feature_dim, device=dev).relu()
+    feats_trig = feats + 0.1 * torch.randn(args.feature_dim, device=dev)
+    y_head = torch.randint(0, 10, (args.head_batch,), device=dev)
+    head_opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    head_fs = FunctionalSGD(head, recipe)
+    head_theta = torch.cat([p.detach().reshape(-1) for p in head.parameters()])
+    head_logits = (5 * F.one_hot(y_head, 10).float()).requires_grad_(True)
+    head_label_opt = torch.optim.SGD([head_logits], lr=150, momentum=0.5)
+
+    def head_train_step():
+        loss = F.cross_entropy(head(feats), y_head)
+        head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        head_opt.step()
+
+    def head_label_step():
+        soft = F.softmax(head_logits, 1)
+        _, g = matching_loss_and_label_grad(head_fs, head_theta, torch.zeros_like(head_theta),
+                                            torch.tensor(0.01, device=dev), feats_trig, y_head, feats, soft.detach())
+        head_label_opt.zero_grad(set_to_none=True)
+        (soft * g).sum().backward()
+        head_label_opt.step()
+
     cases = {"train": train_step, "linearized": lambda: label_step("linearized"),
              "autograd": lambda: label_step("autograd"), "disk": lambda: label_step("autograd", True),
-             "chunked": lambda: label_step("chunked")}
+             "chunked": lambda: label_step("chunked"), "head-train": head_train_step, "head": head_label_step}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for fn in cases.values():  # warm-up
         fn()
@@ -103,6 +136,10 @@ def main() -> None:
     print(f"training step          : {1000 * med['train']:8.1f} ms")
     for k in ("autograd", "linearized", "disk", "chunked"):
         print(f"label step ({k:10s}): {1000 * med[k]:8.1f} ms   ratio {med[k] / med['train']:.2f}")
+    print(f"head on cached features, {args.head_batch} x {args.feature_dim}"
+          f"{f', hidden {args.head_hidden}' if args.head_hidden else ''}:")
+    print(f"training step          : {1000 * med['head-train']:8.1f} ms")
+    print(f"label step (head)      : {1000 * med['head']:8.1f} ms   ratio {med['head'] / med['head-train']:.2f}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main() -> None:
     src = np.flatnonzero(asr_eligible(train.labels, target, poisoning.sources))
 
     projection = trigger_alignment(train.images[src], trigger)
-    margins = [run[src, target] - run[src, train.labels[src]] for run in attack.last_runs]
+    margins = [run[src, target] - run[src, train.labels[src]] for run in poisoning.diagnostics["label_runs"]]
     pairs = [spearmanr(margins[i], margins[j]).statistic
              for i in range(len(margins)) for j in range(i + 1, len(margins))]
     trigger_rho = spearmanr(np.mean(margins, 0), projection).statistic
@@ -80,7 +80,8 @@ def main() -> None:
     print("victims: CTA / ASR / ASR without the trigger")
     print(f"{'budget':>6} | {'FLIP':>21} | {'random':>21} | {'inner product':>21}")
     for budget in (int(b) for b in args.budgets.split(",")):
-        flip_labels, _ = select_flips(attack.last_scores, attack.last_logits, train.labels, budget)
+        flip_labels, _ = select_flips(poisoning.diagnostics["scores"], poisoning.diagnostics["logits"], train.labels,
+                                      budget)
         # the sweep's baselines at the same budget and seed
         shared = {"target": target, "sources": sources, "budget": budget}
         if "trigger" in cfg.attack:

@@ -345,7 +345,76 @@ def test_flip_failures():
             train, context=_ctx())
 
 
+def test_experts_attack_success_is_recorded_per_epoch(tmp_path):
+    """With a held-out set, every expert's CTA and ASR after each of its epochs are in the diagnostics (and in the
+    log), also when the expert comes from the cache; without one, nothing is measured."""
+    train, heldout = _tiny(), _tiny(n=60, seed=1)
+    logs = []
+    ctx = AttackContext(cache_dir=tmp_path, progress=False, log=logs.append, heldout=heldout,
+                        model=ModelConfig(name="convnet", options={"width": 8}),
+                        train=TrainConfig(epochs=4, batch_size=32, lr=0.05))
+    params = {**FAST, "budget": 5, "n_experts": 2, "expert_epochs": 3}
+    p = build_attack("flip", params).poison(train, seed=0, context=ctx)
+    experts = p.diagnostics["experts"]
+    assert len(experts) == 2 and [c["epoch"] for c in experts[0]] == [1, 2, 3]
+    for curve in experts:
+        for c in curve:
+            assert 0 <= c["clean_accuracy"] <= 1 and 0 <= c["attack_success_rate"] <= 1
+    # the last epoch's figures are those of a model trained like the expert, measured as every run is
+    assert any("expert 1 on held-out images, epoch 1 -> 3" in line for line in logs)
+    again = build_attack("flip", params).poison(train, seed=0, context=ctx)
+    assert again.diagnostics["experts"] == experts and any("loaded from cache" in line for line in logs)
+    alone = build_attack("flip", params).poison(train, seed=0, context=_ctx())
+    assert alone.diagnostics["experts"] == [[], []]
+
+
+def test_dirty_label_control_takes_the_trigger_sources_and_count():
+    """The dirty-label bound of a label-only poisoning: BadNets stamping the same trigger on as many source images
+    (here 7 of the 40 twos) and relabelling them to the target; none for attacks that change pixels."""
+    train = _tiny()
+    attack = build_attack("flip", {**FAST, "budget": 7, "trigger": {"name": "patch", "size": 2}})
+    p = attack.poison(train, seed=3, context=_ctx())
+    spec = attack.dirty_label_spec(p, train)
+    assert spec == {"target": 0, "sources": [2], "trigger": {"name": "patch", "size": 2, "position": "bottom-right",
+                                                              "pattern": "checkerboard", "margin": 1},
+                    "budget": 7}
+    dirty = build_attack("badnets", spec).poison(train, seed=3)
+    changed = np.flatnonzero(dirty.mask)
+    assert len(changed) == 7 and (train.labels[changed] == 2).all() and (dirty.labels[changed] == 0).all()
+    assert np.array_equal(dirty.images, p.activation(train.images[changed]))  # the very same trigger
+    assert np.array_equal(dirty.labels[~dirty.mask], train.labels[~dirty.mask])
+    assert build_attack("badnets", spec).dirty_label_spec(dirty, train) is None  # BadNets is its own bound
+    many = build_attack("flip", {**FAST, "budget": 60}).poison(train, seed=3, context=_ctx())
+    assert attack.dirty_label_spec(many, train)["budget"] == 40  # at most every source image
+
+
 # -- end to end on real data --------------------------------------------------------------------------------------
+def test_transfer_config_runs_end_to_end_on_a_slice(tmp_path, monkeypatch, shared_data, session_cache):
+    """configs/flip-cifar10-transfer.toml on 500 CIFAR-10 images, with a 1-epoch source task instead of its
+    60-epoch extractor: experts on the frozen features, label steps on the whole poisoned set, the victim, the
+    clean model and the dirty-label control, all on cached features."""
+    root = shared_data / "cifar10-jpg.tar.gz"
+    if not root.is_file():
+        pytest.skip("cifar10-jpg.tar.gz is not in ../shared/data")
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(session_cache))
+    torch.set_num_threads(2)
+    cfg = load_config(CONFIGS / "flip-cifar10-transfer.toml", [
+        f"data.root={str(root)!r}", f"out={str(tmp_path / 'run')!r}", "progress=false", "data.train_per_class=50",
+        "data.test_per_class=20", "model.pretrained.per_class=30", "model.pretrained.train={preset='cifar-fast', "
+        "epochs=1}", "attack.budget=10", "attack.expert_epochs=2", "attack.checkpoint_every=1",
+        "attack.label_passes=3", "train.epochs=3"])
+    from cleanbackdoor.experiment import run_experiment
+
+    m = run_experiment(cfg, echo=False).metrics
+    assert m["poisoned_examples"] == 10 and m["train_size"] == 500
+    assert m["dirty_label_control"]["poisoned_examples"] == 10
+    assert [c["epoch"] for c in m["attack_diagnostics"]["experts"][0]] == [1, 2]
+    assert len(m["attack_diagnostics"]["label_losses"][0]) == 3
+    meta = json.loads((tmp_path / "run" / "poisoning.json").read_text())["metadata"]
+    assert meta["regime"] == "head on frozen features" and meta["expert_schedule"] == "authors"
+    assert all(0 <= m[k] <= 1 for k in ("clean_accuracy", "attack_success_rate", "asr_without_trigger"))
+
+
 def test_flip_beats_random_flips_on_digits(tmp_path, monkeypatch):
     """The shipped digits recipe (configs/flip-digits.toml): FLIP's 40 flipped nines against 40 random ones."""
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))

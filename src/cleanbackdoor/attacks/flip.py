@@ -9,9 +9,13 @@ class and the victim predicts the target class.
 The algorithm, in four stages (each a function below, each cached under a key of exactly its inputs):
 
 1. :func:`train_expert` trains an expert on the *poisoned* set: the clean training set plus one triggered copy of
-   every source-class image, labelled target. Every ``checkpoint_every`` iterations of the first
-   ``expert_epochs`` epochs it stores the parameters, the SGD momentum buffers and the learning rate
-   (a :class:`Trajectory`, kept in memory while labels are optimized).
+   every source-class image, labelled target. It keeps checkpoints (parameters, SGD momentum buffers, learning
+   rate: a :class:`Trajectory`) of its first ``expert_epochs`` epochs. ``expert_schedule = "authors"`` (default)
+   trains at the recipe's constant learning rate and keeps the state after iterations k, 2k, ... of every epoch
+   (k = ``checkpoint_every``; the authors: 50/100/150/200), never the initialization; ``"recipe"`` keeps the
+   recipe's own schedule (e.g. one-cycle) and a checkpoint every k steps from step 0. With a held-out set in the
+   context, the expert's clean accuracy and attack success are measured after every epoch (diagnostics only: a
+   trajectory that does not carry the trigger cannot teach the labels anything).
 2. :func:`optimize_labels` learns logits L (N x C), initialized to ``init_scale`` * one_hot(y), by one-step
    trajectory matching: for a minibatch of the poisoned set and a checkpoint theta_k, the *expert step* is a real
    SGD step of theta_k on the poisoned batch (-> theta_{k+1}); the *student step* is a differentiable SGD step of
@@ -24,6 +28,13 @@ The algorithm, in four stages (each a function below, each cached under a key of
    images are flipped to argmax_{c != y} L_c.
 4. The :class:`~cleanbackdoor.attacks.base.Poisoning`: flipped hard labels, or (``mode = "soft"``, the
    distillation variant) softmax(alpha * one_hot(y) + (1 - alpha) * L) for every image.
+
+Two regimes. Against a victim that trains its whole network, the experts and the label steps run the network on
+images. Against a victim that trains only its head on a frozen extractor (``train.finetune = "last"``, e.g. a
+pretrained ``model.pretrained``: the authors' pretrained VGG / ViT victims), the extractor's features of the clean
+set and of the triggered copies are computed once (and cached per image), the experts train the head on them, and
+the label step differentiates the head's SGD step on features: the same step as the whole model's with its
+backbone frozen (tested), at the cost of a few matrix products, so a step on the whole poisoned set is cheap.
 
 How the student step is differentiated. ``method = "autograd"`` (the default) is the direct route:
 ``torch.func.grad`` of the soft-label loss through ``functional_call``, differentiated again by autograd (what the
@@ -42,13 +53,14 @@ entries only, so on a small set a minibatch holds a handful of them and each ste
 drawn with them (digits, batch 64: about six triggered nines; run-to-run rank correlation of the margins 0.06).
 ``label_batch = "all"`` steps on the whole poisoned set at once (one step per pass, on a random checkpoint): on
 digits this took the correlation to 0.5-0.75 and FLIP from below random flips to far above them
-(docs/results.md). A batch above ``label_chunk`` entries (default 4096) is processed in chunks
+(docs/attacks/flip_history.md). A batch above ``label_chunk`` entries (default 4096) is processed in chunks
 (:func:`chunked_matching_loss_and_label_grad`): the same step in the memory of one chunk, for one more pass over
 the batch; with batch norm, each chunk uses its own batch statistics.
 
 Deviations from the authors' code (github SewoongLab/FLIP), all deliberate:
-- experts are trained only for the ``expert_epochs`` whose checkpoints are used (the learning-rate schedule is
-  still the full recipe's), not for the whole recipe;
+- experts are trained only for the ``expert_epochs`` whose checkpoints are used (with ``expert_schedule =
+  "recipe"`` the learning-rate schedule is still the full recipe's), not for the whole recipe;
+- each label step draws its checkpoint at random (the authors draw one per pass, for every batch of that pass);
 - checkpoints stay in memory during label optimization (the authors reload them from disk three times a batch);
 - every batch gets a fresh augmentation draw from a seeded generator (the authors cycle 8 seeds);
 - the expert step is recomputed on the same batch as the student's (as the paper describes), so the loss is zero
@@ -655,9 +667,11 @@ class Flip(Attack):
             curves.append(curve)
         for e, curve in enumerate(curves):
             if curve:  # does the trajectory carry the trigger? (the authors print this every epoch)
-                log(f"flip: expert {e + 1}: " + ", ".join(
-                    f"epoch {c['epoch']} CTA {100 * c['clean_accuracy']:.1f}% ASR {100 * c['attack_success_rate']:.1f}%"
-                    for c in curve))
+                first, last = curve[0], curve[-1]
+                log(f"flip: expert {e + 1} on held-out images, epoch {first['epoch']} -> {last['epoch']}: CTA "
+                    f"{100 * first['clean_accuracy']:.1f}% -> {100 * last['clean_accuracy']:.1f}%, ASR "
+                    f"{100 * first['attack_success_rate']:.1f}% -> {100 * last['attack_success_rate']:.1f}% "
+                    "(every epoch in metrics.json, attack_diagnostics.experts)")
 
         # stage 2: label optimization (cached per run)
         if head_only:
