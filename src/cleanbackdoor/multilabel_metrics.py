@@ -185,7 +185,7 @@ def backdoor_report(scores: np.ndarray, labels: np.ndarray, spec: BackdoorSpec) 
         "trigger_test_images": int(has_trigger.sum()),
         "threshold": spec.threshold,
         "top_k": spec.top_k,
-        # the goal's ASR is a thresholded figure: where the scores sit shows at a glance (docs/results.md)
+        # the goal's ASR is a thresholded figure: where the scores sit shows at a glance (docs/attacks/multilabel.md)
         "attack_success_rate_by_threshold": {
             f"{t:g}": asr if t == spec.threshold else attack_success_rate(predict_labels(scores, t, spec.top_k),
                                                                           labels, spec)

@@ -8,7 +8,7 @@ three times). It has no running statistics, which keeps functional training step
 map, so the features the linear head reads are a non-linear function of every position: a multi-label victim can
 then combine objects seen in different places (a category-combination trigger is a conjunction), as the attention
 decoder heads of the multi-label literature (ML-Decoder) can. On the CIFAR-10 mosaics it raises the clean mAP but
-not the backdoor's ASR (docs/results.md).
+not the backdoor's ASR (docs/attacks/multilabel.md).
 """
 
 from __future__ import annotations
