@@ -61,7 +61,8 @@ def test_training_set_detectors_find_planted_label_flips(name, params, digits, f
 
 def test_confident_learning_finds_planted_label_flips(digits, tmp_path):
     """Cross-validation only: no victim needed. 15 nines relabelled 4 (a rate a cross-validated model does not
-    learn as a rule: at a third of the class it starts predicting 4 for those nines, see docs/attacks/flip_history.md)."""
+    learn as a rule: at a third of the class it starts predicting 4 for those nines, see
+    docs/attacks/flip_history.md)."""
     cfg, splits = digits
     train = splits.train
     poisoning = build_attack("random_flip", {"target": 4, "sources": [9], "budget": 15}).poison(train, seed=0)
