@@ -182,15 +182,7 @@ def scale_milestones(milestones: list[int], epochs: int, new_epochs: int) -> lis
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 **fields: Any) -> ExperimentConfig:
     """Config from a TOML file (optional), then keyword fields, then ``key=value`` overrides (dotted keys)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    raw: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
     for key, value in fields.items():
         if value is not None:
             set_dotted(raw, key, value)
@@ -200,6 +192,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, text = item.split("=", 1)
         set_dotted(raw, key.strip(), parse_value(text.strip()))
     return validate_config(raw)
+
+
+def read_toml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict. ``extends = "other.toml"`` (a path relative to the file) starts from that file:
+    its tables are merged key by key with this file's, and this file's values win; a table that names another
+    component (another ``name``: an attack, a model) replaces the parent's instead."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path} extends itself (through {' -> '.join(p.name for p in _seen)})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"config file {path}: extends takes the path of another config file")
+    return _merge(read_toml(path.parent / parent, (*_seen, path.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        base_value = out.get(key)
+        same = isinstance(value, dict) and isinstance(base_value, dict) and value.get("name", base_value.get(
+            "name")) == base_value.get("name")
+        out[key] = _merge(base_value, value) if same else value
+    return out
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:

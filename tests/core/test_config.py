@@ -67,3 +67,23 @@ def test_fingerprint_tells_data_apart_by_content_shape_and_dtype():
     b = a.copy()
     b[2, 3] += 1
     assert fingerprint(a) != fingerprint(b) and fingerprint(a, b) != fingerprint(b, a)
+
+
+def test_a_config_extends_another(tmp_path):
+    """``extends``: the parent's tables merged key by key, the child's values win; a table naming another component
+    replaces the parent's; a cycle is one clear error."""
+    (tmp_path / "base.toml").write_text('seed = 3\n[train]\nepochs = 7\nlr = 0.2\n'
+                                        '[attack]\nname = "flip"\nbudget = 10\nlabel_passes = 4\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\n[train]\nlr = 0.1\n[attack]\nbudget = 20\n')
+    (tmp_path / "other.toml").write_text('extends = "child.toml"\nattack = { name = "badnets", budget = 5 }\n')
+    cfg = load_config(tmp_path / "child.toml")
+    assert cfg.seed == 3 and (cfg.train.epochs, cfg.train.lr) == (7, 0.1)
+    assert cfg.attack == {"name": "flip", "budget": 20, "label_passes": 4}
+    assert load_config(tmp_path / "other.toml").attack == {"name": "badnets", "budget": 5}
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="missing.toml does not exist"):
+        load_config(tmp_path / "c.toml")
