@@ -25,7 +25,8 @@ import torch
 
 from cleanbackdoor.attacks.multilabel import MultiLabel
 from cleanbackdoor.config import load_config
-from cleanbackdoor.experiment import feature_cache, load_data, new_model
+from cleanbackdoor.experiment import feature_cache, load_data
+from cleanbackdoor.pretrain import build_victim
 from cleanbackdoor.multilabel_metrics import BackdoorSpec, backdoor_report, multilabel_scores, predict_labels
 from cleanbackdoor.training import train
 
@@ -34,7 +35,8 @@ def victim(cfg, splits, labels: np.ndarray, hidden: list[int], recipe) -> tuple[
     """A victim with this head trained on ``labels`` as ``cleanbackdoor run`` trains it: its scores on the test and
     on the training images (through the cached features of both sets)."""
     model_cfg = cfg.model.model_copy(update={"options": {**cfg.model.options, "head_hidden": hidden}})
-    model = new_model(cfg, splits.train, cfg.seed, model_cfg=model_cfg)
+    model = build_victim(model_cfg, splits.train.images, splits.train.num_classes, cfg.seed,
+                         cache_dir=cfg.cache_path())
     train(model, splits.train.images, labels, recipe, seed=cfg.seed, device="cpu", progress=False,
           feature_cache=feature_cache(cfg))
     return tuple(multilabel_scores(model, part.images, feature_cache=feature_cache(cfg))

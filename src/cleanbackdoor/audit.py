@@ -53,7 +53,8 @@ from cleanbackdoor.defenses.internal import (
     train_defender_model,
 )
 from cleanbackdoor.errors import ConfigError, DataError
-from cleanbackdoor.pretrain import model_key
+from cleanbackdoor.pretrain import build_victim, model_key
+from cleanbackdoor.training import save_atomic
 
 DEFAULT_DETECTORS = ("spectral", "activation_clustering", "confident_learning")
 
@@ -394,36 +395,36 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
     if labels is not None:
         data = data.with_labels(read_labels(labels, data))
         source = str(labels)
-    cfg = load_config(None, list(overrides), **{"data.name": catalog_name, "model.name": model, "seed": seed,
-                                                "device": device, "progress": progress})
+    cfg = load_config(None, list(overrides), **{"data.name": catalog_name, "model.name": model,
+                                                "data.root": root if dataset in DATASETS else dataset,
+                                                "seed": seed, "device": device, "progress": progress})
     out = Path(out or f"runs/audit-{Path(dataset).name}")
     out.mkdir(parents=True, exist_ok=True)
     log(f"audit: {len(data)} images of {data.num_classes} classes from {dataset}; labels: {source}")
 
     context = DefenseContext(model=cfg.model, train=cfg.train, cache_dir=cfg.cache_path(), device=cfg.device,
-                             progress=cfg.progress, log=log)
+                             progress=cfg.progress, log=log,
+                             model_factory=lambda s: build_victim(cfg.model, data.images, data.num_classes, s,
+                                                                  cache_dir=cfg.cache_path(), progress=cfg.progress,
+                                                                  log=log))
     recipe = defender_recipe(context, None, data.multilabel)
     key = stable_key("audit-model", fingerprint(data.images, data.labels), model_key(cfg.model),
                      recipe.model_dump(mode="json"), seed)
     path = cfg.cache_path() / AUDIT / f"model-{key}.pt"
     if path.exists():
-        from cleanbackdoor.data.transforms import channel_stats
-        from cleanbackdoor.models import build_model
-
-        mean, std = channel_stats(data.images)
-        net = build_model(cfg.model.name, data.image_shape, data.num_classes, mean, std, **cfg.model.options)
+        net = context.model_factory(seed)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"audit model: loaded from cache {path}")
     else:
         net = train_defender_model(data, np.arange(len(data)), recipe, seed=seed, context=context,
                                    desc="audit model")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, path)
+        save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path)
     from cleanbackdoor.defenses.internal import probabilities
     from cleanbackdoor.training import resolve_device
 
     net.to(resolve_device(cfg.device)).eval()
-    fit_probs = probabilities(net, data.images, data.multilabel)
+    fit_probs = probabilities(net, data.images, data.multilabel, context.feature_cache)
     train_fit = (float((fit_probs.argmax(1) == data.labels).mean()) if not data.multilabel
                  else float(((fit_probs >= 0.5) == data.labels.astype(bool)).all(1).mean()))
 
@@ -461,7 +462,7 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
         cl = next(r for k, r in results.items() if k == "confident_learning")
         differs = np.any(predicted != data.labels, axis=1) if data.multilabel else predicted != data.labels
         suspect = cl.flagged & differs
-        embedding = _embed(penultimate_features(net, data.images), seed)
+        embedding = _embed(penultimate_features(net, data.images, feature_cache=context.feature_cache), seed)
         patterns = label_patterns(data.labels, predicted, suspect, embedding, names, seed=seed)
         per_given = {}
         for p in patterns:

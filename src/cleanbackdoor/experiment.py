@@ -25,14 +25,12 @@ from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
 from cleanbackdoor.cache import FEATURES, model_file
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, fingerprint, stable_key
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
-from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate
-from cleanbackdoor.models import build_model
 from cleanbackdoor.multilabel_metrics import (BackdoorSpec, fit_rate, multilabel_scores, side_effect,
                                               trigger_recognition)
 from cleanbackdoor.data.subset import select_classes
-from cleanbackdoor.pretrain import model_key, pretrained_model, victim_from_pretrained
+from cleanbackdoor.pretrain import build_victim, model_key, pretrained_model
 from cleanbackdoor.training import predict, resolve_device, save_atomic, train
 
 
@@ -76,19 +74,11 @@ def load_data(cfg: ExperimentConfig) -> Splits:
     return Splits(train_set, test_set)
 
 
-def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int, model_cfg: Any = None) -> nn.Module:
+def new_model(cfg: ExperimentConfig, train_set: ImageSet, seed: int) -> nn.Module:
     """A freshly initialized victim (seeded), normalizing with the clean training set's statistics; with
     ``model.pretrained``, the pretrained extractor (its weights and normalization) and a fresh seeded head."""
-    model_cfg = model_cfg or cfg.model
-    if model_cfg.pretrained is not None:
-        extractor = pretrained_model(model_cfg, cache_dir=cfg.cache_path(), device="cpu", progress=cfg.progress,
-                                     log=lambda _: None)
-        return victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, seed,
-                                      head_hidden=model_cfg.options.get("head_hidden", 0),
-                                      pool=model_cfg.options.get("pool"))
-    mean, std = channel_stats(train_set.images)
-    torch.manual_seed(seed)
-    return build_model(model_cfg.name, train_set.image_shape, train_set.num_classes, mean, std, **model_cfg.options)
+    return build_victim(cfg.model, train_set.images, train_set.num_classes, seed, cache_dir=cfg.cache_path(),
+                        progress=cfg.progress)
 
 
 def train_model(cfg: ExperimentConfig, train_set: ImageSet, images: np.ndarray, targets: np.ndarray, *,

@@ -17,7 +17,9 @@ victim built on it keeps them), and the source-task test accuracy.
 - :func:`~cleanbackdoor.data.subset.select_classes` (re-exported here): an image set restricted to some classes,
   relabelled 0..k-1 (the victim's task, the source task);
 - :func:`pretrained_model`: the source-task classifier (extractor + source head), from the cache or trained;
-- :func:`victim_from_pretrained`: a victim for a new task: the pretrained extractor and a fresh, seeded head.
+- :func:`victim_from_pretrained`: a victim for a new task: the pretrained extractor and a fresh, seeded head;
+- :func:`build_victim`: the one place a fresh victim is built from a model config, pretrained or not (the
+  experiment, the attacks' guess of the victim, the defenses and the audit all call it).
 
 The victim's images may be larger than the source task's (the multi-label mosaics of
 :mod:`cleanbackdoor.data.mosaic` are grids of source-sized images): the architecture is then built for the victim's
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cleanbackdoor.cache import model_file
@@ -184,3 +187,21 @@ def victim_from_pretrained(pretrained: Classifier, image_shape: tuple[int, int, 
     torch.manual_seed(seed)
     model.head = make_head(model.backbone.feature_dim, num_classes, head_hidden)
     return model.train()
+
+
+def build_victim(model_cfg: ModelConfig, images: np.ndarray, num_classes: int, seed: int, *,
+                 cache_dir: str | Path | None, progress: bool = False,
+                 log: Callable[[str], None] = lambda _: None) -> Classifier:
+    """A fresh, seeded victim for uint8 ``images`` (N, H, W, C) of ``num_classes`` classes: with
+    ``model_cfg.pretrained``, the pretrained extractor (trained and cached if needed) and a fresh head
+    (``head_hidden``, ``pool`` from the options); otherwise the architecture normalized with the images' channel
+    statistics."""
+    image_shape = (images.shape[3], images.shape[1], images.shape[2])
+    if model_cfg.pretrained is not None:
+        extractor = pretrained_model(model_cfg, cache_dir=cache_dir, device="cpu", progress=progress, log=log)
+        return victim_from_pretrained(extractor, image_shape, num_classes, seed,
+                                      head_hidden=model_cfg.options.get("head_hidden", 0),
+                                      pool=model_cfg.options.get("pool"))
+    mean, std = channel_stats(images)
+    torch.manual_seed(seed)
+    return build_model(model_cfg.name, image_shape, num_classes, mean, std, **model_cfg.options)

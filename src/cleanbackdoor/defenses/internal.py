@@ -11,11 +11,10 @@ from torch import nn
 from cleanbackdoor.cache import DEFENSES, FEATURES
 from cleanbackdoor.config import fingerprint, scale_milestones, stable_key
 from cleanbackdoor.data.imageset import ImageSet
-from cleanbackdoor.data.transforms import Augment, channel_stats, to_nchw, to_tensor
+from cleanbackdoor.data.transforms import Augment, to_nchw, to_tensor
 from cleanbackdoor.defenses.base import DefenseContext
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.models import build_model
-from cleanbackdoor.pretrain import model_key
+from cleanbackdoor.pretrain import build_victim, model_key
 from cleanbackdoor.training import FrozenFeatures, predict_logits, train
 
 
@@ -87,10 +86,7 @@ def train_defender_model(data: ImageSet, index: np.ndarray, recipe, *, seed: int
     if context.model_factory is not None:
         model = context.model_factory(seed)
     else:
-        mean, std = channel_stats(data.images)
-        torch.manual_seed(seed)
-        model = build_model(context.model.name, data.image_shape, data.num_classes, mean, std,
-                            **context.model.options)
+        model = build_victim(context.model, data.images, data.num_classes, seed, cache_dir=context.cache_dir)
     features = Path(context.cache_dir) / FEATURES if context.cache_dir else None  # a frozen extractor's
     train(model, data.images[index], data.labels[index], recipe, seed=seed, device=context.device,
           progress=context.progress, desc=desc, feature_cache=features)
