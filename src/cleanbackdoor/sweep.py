@@ -121,7 +121,7 @@ def _with_spread(row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     for key in (*FIGURES, "dirty_label_asr"):
         if row.get(key) is not None:
-            out[key] = f"{percent(row[key])} +- {100 * row[f'{key}_std']:.1f}"
+            out[key] = f"{percent(row[key])} +- {100 * row[f'{key}_std']:.2f}"
     return out
 
 
