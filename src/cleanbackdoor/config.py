@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cleanbackdoor.cache import default_root
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.training import PRESETS, TrainConfig, preset
+from cleanbackdoor.training import PRESETS, TrainConfig, preset, resolve_device
 
 # The training recipe a dataset gets when the config names none.
 DEFAULT_PRESET = {"digits": "digits", "mnist": "digits", "cifar10": "cifar-fast", "cifar100": "cifar-fast",
@@ -123,6 +123,17 @@ class ExperimentConfig(BaseModel):
         except ConfigError as e:
             raise PydanticCustomError("defenses", str(e)) from None
         return specs
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        try:
+            resolve_device(value)
+        except ConfigError as e:
+            from pydantic_core import PydanticCustomError  # noqa: PLC0415
+
+            raise PydanticCustomError("device", str(e)) from None
+        return value
 
     @field_validator("train", mode="before")
     @classmethod

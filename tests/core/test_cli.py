@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from cleanbackdoor.cli import main
 
@@ -12,6 +13,12 @@ from cleanbackdoor.cli import main
     (["run", "--set", "attack.target=99"], "no class 99"),
     (["run", "--set", "colour=red"], "colour: unknown key"),
     (["sweep", "--budgets", "1,x"], "--budgets"),
+    (["sweep", "--budgets", "10", "--baselines", "zebra"], "unknown sweep baseline 'zebra'"),
+    (["sweep", "--budgets", "10", "--seeds", "0,a"], "--seeds"),
+    (["run", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device 'cuda"),
+    (["run", "--device", "abacus"], "unknown device 'abacus'"),
+    (["run", "--attack", "flip", "--set", "attack.expert_train={preset='nope'}"], "unknown expert_train preset"),
+    (["run", "--attack", "inner_product", "--set", "attack.space='features'"], "space = 'features' needs"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

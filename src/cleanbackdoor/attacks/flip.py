@@ -576,6 +576,9 @@ class Flip(Attack):
     Params = FlipParams
     label_only = True
 
+    def _check_params(self) -> None:
+        self._recipes(AttackContext())  # an unknown expert_train preset or value is an error before any work
+
     def _recipes(self, context: AttackContext) -> tuple[dict[str, Any], TrainConfig]:
         """The experts' architecture and recipe: the victim's (the attacker's guess of it) unless overridden."""
         victim_model = context.model.model_dump() if context.model is not None else {"name": "convnet", "options": {}}
@@ -583,9 +586,11 @@ class Flip(Attack):
         recipe = context.train if context.train is not None else TrainConfig()
         overrides = dict(self.params.expert_train or {})
         if overrides:
-            base = PRESETS[overrides["preset"]] if "preset" in overrides else recipe.model_dump()
-            if overrides.pop("preset", None) not in (None, *PRESETS):
-                raise ConfigError(f"attack 'flip': unknown expert_train preset; allowed: {', '.join(PRESETS)}")
+            name = overrides.pop("preset", None)
+            if name is not None and name not in PRESETS:
+                raise ConfigError(f"attack 'flip': unknown expert_train preset {name!r}; allowed: "
+                                  f"{', '.join(sorted(PRESETS))}")
+            base = PRESETS[name] if name is not None else recipe.model_dump()
             try:
                 recipe = TrainConfig(**{**base, **overrides})
             except ValidationError as e:
