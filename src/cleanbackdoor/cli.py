@@ -1,8 +1,11 @@
 """The ``cleanbackdoor`` command.
 
-    cleanbackdoor run [CONFIG.toml] [--attack NAME] [--dataset NAME] [--root PATH] [--model NAME] [--out DIR]
-                      [--seed N] [--device DEV] [--set key=value ...]
+    cleanbackdoor run [CONFIG.toml] [--attack NAME] [--dataset NAME] [--recipe NAME] [--root PATH] [--model NAME]
+                      [--out DIR] [--seed N] [--device DEV] [--set key=value ...]
+        without CONFIG.toml: the attack's recipe for the dataset (FLIP on digits by default)
     cleanbackdoor sweep [CONFIG.toml] --budgets 150,300,500 [...]   budget sweep with baselines and plots
+    cleanbackdoor reproduce [--scale small|cpu|paper] [--root DATASET=PATH ...] [--out DIR]   the four papers
+    cleanbackdoor describe NAME   an attack's (defense's, trigger's, model's) parameters, paper and recipes
     cleanbackdoor defense-table CONFIG... --out DIR [--root PATH] [--set key=value ...]   attacks x defenses
     cleanbackdoor audit DATASET [--root PATH] [--labels FILE] [--out DIR]   scan received labels for poisoning
     cleanbackdoor list {attacks,datasets,models,triggers,presets,defenses}
@@ -21,9 +24,12 @@ from cleanbackdoor.errors import CleanBackdoorError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="a TOML experiment config (optional: defaults run BadNets on digits)")
-    p.add_argument("--attack", help="attack name (see `cleanbackdoor list attacks`)")
-    p.add_argument("--dataset", help="dataset name (see `cleanbackdoor list datasets`)")
+    p.add_argument("config", nargs="?", help="a TOML experiment config (optional: without it the run starts from "
+                   "the attack's recipe for the dataset, FLIP on digits by default)")
+    p.add_argument("--attack", help="attack name (see `cleanbackdoor list attacks`; default flip)")
+    p.add_argument("--dataset", help="dataset name (see `cleanbackdoor list datasets`; default digits)")
+    p.add_argument("--recipe", help="without a config: start from this recipe of the attack instead of the "
+                                    "dataset's (e.g. cifar10-paper; `cleanbackdoor describe ATTACK` lists them)")
     p.add_argument("--root", help="dataset location: folder or archive")
     p.add_argument("--model", help="victim architecture (see `cleanbackdoor list models`)")
     p.add_argument("--out", help="output folder")
@@ -41,7 +47,12 @@ def _load(args: argparse.Namespace):
               "model.name": args.model, "out": args.out, "seed": args.seed, "device": args.device}
     if args.quiet:
         fields["progress"] = False
-    return load_config(args.config, args.overrides, **fields)
+    if args.config is not None and args.recipe:
+        from cleanbackdoor.errors import ConfigError
+
+        raise ConfigError("--recipe starts a run without a config file; in a file, write "
+                          "extends = \"recipe:ATTACK/NAME\"")
+    return load_config(args.config, args.overrides, recipe=args.recipe or args.config is None, **fields)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -92,6 +103,28 @@ def cmd_list(args: argparse.Namespace) -> int:
         from cleanbackdoor.defenses import DEFENSES as registry
     for name in sorted(registry):
         print(name)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from cleanbackdoor.errors import ConfigError
+    from cleanbackdoor.reproduce import run_reproduce
+
+    roots = {}
+    for item in args.root:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--root takes DATASET=PATH, e.g. cifar10=../shared/data/cifar10-jpg.tar.gz; "
+                              f"got {item!r}")
+        roots[name.strip()] = path.strip()
+    run_reproduce(args.scale, args.out, roots, seed=args.seed, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from cleanbackdoor.describe import describe
+
+    print(describe(args.name))
     return 0
 
 
@@ -161,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
                                        "show the mean and the standard deviation")
     sweep.add_argument("--no-baseline", action="store_true", help="skip the baselines")
     sweep.set_defaults(func=cmd_sweep)
+    rep = sub.add_parser("reproduce", help="the four papers' attacks and BadNets at one scale: one table (paper / "
+                         "this toolkit / clean model / ASR without the trigger) and one figure")
+    rep.add_argument("--scale", choices=["small", "cpu", "paper"], default="small",
+                     help="small: the embedded digits, minutes on 2 cores; cpu: the real datasets, the results "
+                          "pages' recipes; paper: the papers' recipes, for a GPU")
+    rep.add_argument("--root", action="append", default=[], metavar="DATASET=PATH",
+                     help="where a dataset lies (repeat), e.g. --root cifar10=../shared/data/cifar10-jpg.tar.gz")
+    rep.add_argument("--out", help="output folder (default runs/reproduce-SCALE)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--device", default="auto")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep.set_defaults(func=cmd_reproduce)
+    desc = sub.add_parser("describe", help="an attack, defense, trigger or model: its parameters (type, default, "
+                          "description), its paper and its recipes")
+    desc.add_argument("name")
+    desc.set_defaults(func=cmd_describe)
     table = sub.add_parser("defense-table", help="attacks (rows) x defenses (columns): detection and after-defense "
                            "figures, markdown + json")
     table.add_argument("configs", nargs="+", help="experiment configs with a `defenses` key (or run folders)")

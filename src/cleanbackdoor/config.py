@@ -1,6 +1,8 @@
 """Typed, validated experiment configuration, from a TOML file, a Python object, or ``--set key=value`` overrides.
 
-Everything has a default, so ``ExperimentConfig()`` is the embedded default experiment (BadNets on digits).
+Everything has a default, so ``ExperimentConfig()`` is the plainest experiment (BadNets on digits). The command
+line without a config file starts from an attack's *recipe* for the dataset instead (FLIP on digits by default;
+:func:`recipe_base`), and a config file can with ``extends = "recipe:ATTACK/DATASET"``.
 Unknown keys and out-of-range values are errors that name the key. The resolved configuration (defaults and
 presets filled in) is written next to the results as ``config.toml``, so a run can be repeated from its folder.
 """
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from cleanbackdoor.cache import default_root
 from cleanbackdoor.errors import ConfigError
@@ -107,6 +110,8 @@ class ExperimentConfig(BaseModel):
     train: TrainConfig | None = None
     # run after the victim is trained: specs like the attack's, a name plus options (see cleanbackdoor.defenses)
     defenses: list[dict[str, Any]] = Field(default_factory=list)
+    # which recipe a config without a file started from (the run's log says it); not part of the config itself
+    _recipe_note: str | None = PrivateAttr(None)
 
     @field_validator("defenses", mode="before")
     @classmethod
@@ -174,6 +179,11 @@ class ExperimentConfig(BaseModel):
         return self
 
     @property
+    def recipe_note(self) -> str | None:
+        """Which recipe the config started from, when it came from the command line without a file."""
+        return self._recipe_note
+
+    @property
     def attack_name(self) -> str:
         return str(self.attack["name"])
 
@@ -190,19 +200,60 @@ def scale_milestones(milestones: list[int], epochs: int, new_epochs: int) -> lis
     return [m for m in scaled if 0 < m < new_epochs]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                **fields: Any) -> ExperimentConfig:
-    """Config from a TOML file (optional), then keyword fields, then ``key=value`` overrides (dotted keys)."""
-    raw: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
+# The attack a command line without a config file runs: the first of the four papers, with its digits recipe.
+DEFAULT_ATTACK = "flip"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                recipe: bool | str = False, **fields: Any) -> ExperimentConfig:
+    """Config from a TOML file (optional), then keyword fields, then ``key=value`` overrides (dotted keys).
+
+    ``recipe``: without a file, start from the attack's recipe for the dataset (:func:`recipe_base`), as the
+    command line does, or from the recipe of that name (e.g. "cifar10-paper"); False: from the plain defaults."""
+    given: dict[str, Any] = {}
     for key, value in fields.items():
         if value is not None:
-            set_dotted(raw, key, value)
+            set_dotted(given, key, value)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set takes key=value, got {item!r}")
         key, text = item.split("=", 1)
-        set_dotted(raw, key.strip(), parse_value(text.strip()))
-    return validate_config(raw)
+        set_dotted(given, key.strip(), parse_value(text.strip()))
+    note = None
+    if path is not None:
+        base = read_toml(Path(path))
+    elif recipe:
+        base, note = recipe_base(given, recipe if isinstance(recipe, str) else None)
+    else:
+        base = {}
+    cfg = validate_config(merge_configs(base, given))
+    cfg._recipe_note = note or None
+    return cfg
+
+
+
+def recipe_base(given: dict[str, Any], key: str | None = None) -> tuple[dict[str, Any], str]:
+    """The config a command line without a file starts from, and a line that says which: the recipe of the
+    attack it names (``DEFAULT_ATTACK`` when none) for the dataset it names (digits when none), or, where the
+    attack has no recipe for that dataset, the attack's own defaults. ``key`` names another recipe of the attack
+    (an error when it has none)."""
+    from cleanbackdoor.attacks import ATTACKS, recipe, require_recipe  # noqa: PLC0415 - the attacks import torch
+
+    attack = (given.get("attack") or {}).get("name") or DEFAULT_ATTACK
+    dataset = (given.get("data") or {}).get("name") or "digits"
+    if attack not in ATTACKS:  # the config's validation names the allowed attacks
+        return {"attack": {"name": attack}}, ""
+    if key is not None:
+        return require_recipe(attack, key), f"the {attack} recipe {key!r} (`cleanbackdoor describe {attack}`)"
+    found = recipe(attack, dataset)
+    if found is None:
+        have = ", ".join(sorted(ATTACKS[attack].recipes)) or "none"
+        return {"attack": {"name": attack}}, (f"{attack} has no recipe for {dataset!r} (it has: {have}): the "
+                                             "attack's defaults")
+    note = f"the {attack} recipe for {dataset} (`cleanbackdoor describe {attack}`)"
+    if found["data"]["name"] != dataset:
+        note += f": it runs on {found['data']['name']}, the multi-label counterpart of {dataset}"
+    return found, note
 
 
 def read_toml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -222,16 +273,27 @@ def read_toml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(parent, str):
         raise ConfigError(f"config file {path}: extends takes the path of another config file")
-    return _merge(read_toml(path.parent / parent, (*_seen, path.resolve())), raw)
+    if parent.startswith("recipe:"):  # an attack's recipe: "recipe:flip/digits"
+        from cleanbackdoor.attacks import require_recipe  # noqa: PLC0415 - the attacks import torch
+
+        attack, _, key = parent.removeprefix("recipe:").partition("/")
+        if not key:
+            raise ConfigError(f"config file {path}: extends = 'recipe:ATTACK/DATASET', got {parent!r}")
+        try:
+            return merge_configs(require_recipe(attack, key), raw)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    return merge_configs(read_toml(path.parent / parent, (*_seen, path.resolve())), raw)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_configs(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, table by table; a table that names another component replaces the base's."""
     out = dict(base)
     for key, value in over.items():
         base_value = out.get(key)
         same = isinstance(value, dict) and isinstance(base_value, dict) and value.get("name", base_value.get(
             "name")) == base_value.get("name")
-        out[key] = _merge(base_value, value) if same else value
+        out[key] = merge_configs(base_value, value) if same else value
     return out
 
 

@@ -211,6 +211,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
     device = resolve_device(cfg.device)
     log(f"cleanbackdoor: {cfg.attack_name} on {cfg.data.name}, victim {cfg.model.name}, device {device}, "
         f"seed {cfg.seed}")
+    if cfg.recipe_note:
+        log(f"config: {cfg.recipe_note}; a config file or --set changes it")
 
     with timer.stage("data"):
         splits = load_data(cfg)

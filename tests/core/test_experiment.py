@@ -9,10 +9,10 @@ from cleanbackdoor.attacks import Poisoning
 from cleanbackdoor.cli import main
 
 
-def test_default_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
+def test_badnets_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", "--attack", "badnets", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "poisoned model" in printed and "clean model" in printed
     m = json.loads((out / "metrics.json").read_text())
@@ -37,7 +37,7 @@ def test_default_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
 
     # the second run with the same recipe reuses the cached clean model and reproduces the poisoning exactly
     out2 = tmp_path / "run2"
-    assert main(["run", "--out", str(out2), "--quiet"]) == 0
+    assert main(["run", "--attack", "badnets", "--out", str(out2), "--quiet"]) == 0
     assert "loaded from cache" in (out2 / "log.txt").read_text()
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["clean_model"] == m["clean_model"]
@@ -47,12 +47,13 @@ def test_default_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
 def test_a_failing_run_leaves_the_earlier_result_intact(tmp_path, monkeypatch):
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--quiet", "--set", "train.epochs=1", "--set", "examples=0"]) == 0
+    fast = ["run", "--attack", "badnets", "--out", str(out), "--quiet", "--set", "train.epochs=1"]
+    assert main([*fast, "--set", "examples=0"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert main(["run", "--out", str(out), "--quiet", "--set", "train.epochs=1", "--set", "attack.budget=5000"]) == 2
+    assert main([*fast, "--set", "attack.budget=5000"]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.tex").write_text("x")
-    assert main(["run", "--out", str(other), "--quiet", "--set", "train.epochs=1"]) == 2
+    assert main(["run", "--attack", "badnets", "--out", str(other), "--quiet", "--set", "train.epochs=1"]) == 2
     assert (other / "thesis.tex").exists()

@@ -117,7 +117,8 @@ def test_experiment_with_a_pretrained_victim(tmp_path, monkeypatch):
     """The whole pipeline: source-task pretraining (cached), a victim fine-tuning its last layer on other classes."""
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))  # a fresh cache: this run pretrains
     out = tmp_path / "run"
-    args = ["run", "--out", str(out), "--quiet", "--set", "examples=0", "--set", "model.options={width=16}",
+    args = ["run", "--out", str(out), "--attack", "badnets", "--quiet", "--set", "examples=0",
+            "--set", "model.options={width=16}",
             "--set", PRETRAIN, "--set", "data.classes=[5, 6, 7, 8, 9]", "--set", VICTIM,
             "--set", "attack.budget=40", "--set", "attack.target=0"]
     assert main(args) == 0

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from cleanbackdoor.attacks import build_attack
-from cleanbackdoor.config import load_config
+from cleanbackdoor.attacks import ATTACKS, build_attack, recipe
+from cleanbackdoor.config import load_config, validate_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
+RECIPES = [(name, key) for name, cls in sorted(ATTACKS.items()) for key in sorted(cls.recipes)]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -14,8 +15,16 @@ def test_shipped_config_is_valid(path):
     build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
 
 
-def test_configs_exist():
-    assert len(CONFIGS) >= 4
+def test_the_configs_folder_is_found():
+    """Without it the parametrized test above would pass by running nothing."""
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("attack, key", RECIPES, ids=[f"{a}-{k}" for a, k in RECIPES])
+def test_every_recipe_is_a_valid_config(attack, key):
+    cfg = validate_config(recipe(attack, key))
+    assert cfg.attack_name == attack
+    build_attack(attack, {k: v for k, v in cfg.attack.items() if k != "name"})
 
 
 def test_digits_defense_rows_attack_with_the_attack_recipes():

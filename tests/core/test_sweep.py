@@ -6,7 +6,8 @@ from cleanbackdoor.cli import main
 def test_sweep_writes_table_plots_and_pairs_each_budget_with_the_baseline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
-    code = main(["sweep", "--out", str(out), "--quiet", "--budgets", "10,30", "--set", "train.epochs=2",
+    code = main(["sweep", "--attack", "badnets", "--out", str(out), "--quiet", "--budgets", "10,30",
+                 "--set", "train.epochs=2",
                  "--set", "attack.trigger={name = 'turner'}", "--set", "examples=0"])
     assert code == 0
     summary = json.loads((out / "sweep.json").read_text())

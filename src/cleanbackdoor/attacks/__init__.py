@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from cleanbackdoor.attacks.badnets import BadNets
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, resolve_budget
 from cleanbackdoor.attacks.clean_image import CleanImage
@@ -10,7 +13,7 @@ from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger
 from cleanbackdoor.attacks.inner_product import InnerProduct
 from cleanbackdoor.attacks.multilabel import MultiLabel
 from cleanbackdoor.attacks.random_flip import RandomFlip
-from cleanbackdoor.errors import unknown_name
+from cleanbackdoor.errors import ConfigError, unknown_name
 
 ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, CleanImage, Flip, HiddenTrigger, InnerProduct,
                                                               MultiLabel, RandomFlip)}
@@ -22,4 +25,28 @@ def build_attack(name: str, params: dict | None = None) -> Attack:
     return ATTACKS[name](params or {})
 
 
-__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackParams", "Poisoning", "build_attack", "resolve_budget"]
+def recipe(attack: str, key: str) -> dict[str, Any] | None:
+    """The experiment ``attack`` runs under recipe ``key`` (a dataset name, or a name like "cifar10-paper") as a
+    partial config dict with the attack's name and the dataset's name filled in; None when it has none."""
+    if attack not in ATTACKS:
+        raise unknown_name("attack", attack, ATTACKS)
+    found = ATTACKS[attack].recipes.get(key)
+    if found is None:
+        return None
+    out = copy.deepcopy(found)
+    out["data"] = {"name": key, **out.get("data", {})}
+    out["attack"] = {"name": attack, **out.get("attack", {})}
+    return out
+
+
+def require_recipe(attack: str, key: str) -> dict[str, Any]:
+    """:func:`recipe`, or a ConfigError naming the recipes the attack has."""
+    found = recipe(attack, key)
+    if found is None:
+        have = ", ".join(sorted(ATTACKS[attack].recipes)) or "none"
+        raise ConfigError(f"attack {attack!r} has no recipe {key!r}; its recipes: {have}")
+    return found
+
+
+__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackParams", "Poisoning", "build_attack", "recipe",
+           "require_recipe", "resolve_budget"]

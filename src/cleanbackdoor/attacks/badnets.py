@@ -10,14 +10,30 @@ Budget: a count of training examples or a fraction of the whole training set (se
 
 from __future__ import annotations
 
+from typing import Any
+
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, relabel
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
 
+# Digits: the defaults (5% of the training set, a 2x2 checkerboard patch, target 0: ASR 100%). CIFAR-10: a 3x3
+# checkerboard on 2,500 images (5%) and a 6-epoch ConvNet (docs/attacks/badnets.md).
+BADNETS_RECIPES: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "cifar10": {
+        "model": {"name": "convnet", "options": {"width": 32}},
+        "train": {"preset": "cifar-fast", "epochs": 6},
+        "attack": {"budget": 2500, "target": 0, "sources": "all",
+                   "trigger": {"name": "patch", "size": 3, "position": "bottom-right", "pattern": "checkerboard"}},
+    },
+}
+
+
 class BadNets(Attack):
     name = "badnets"
     Params = AttackParams
+    recipes = BADNETS_RECIPES
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
         if train.multilabel:

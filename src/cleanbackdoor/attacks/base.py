@@ -244,6 +244,13 @@ class Attack(Configured, ABC):
     Params: ClassVar[type[AttackParams]] = AttackParams
     multilabel: ClassVar[bool] = False
     label_only: ClassVar[bool] = False  # changes labels only, with a pixel trigger at test time
+    # Dataset name -> the experiment this attack runs on that dataset when the user gives no config file: a partial
+    # experiment config (an "attack" table without its name, and the "data", "model", "train" tables the recipe
+    # needs), each one measured on the attack's results page. ``cleanbackdoor run --attack NAME [--dataset D]``
+    # starts from it, and a config file can with ``extends = "recipe:NAME/D"`` (see
+    # :func:`cleanbackdoor.attacks.recipe`). A recipe may name another dataset (a multi-label attack runs on the
+    # multi-label counterpart of a single-label set) and keys other than dataset names ("cifar10-paper").
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {}
 
     # -- helpers for subclasses -----------------------------------------------------------------------------
     def resolve_classes(self, train: ImageSet) -> tuple[int, tuple[int, ...] | None]:

@@ -204,6 +204,32 @@ class MultiLabelParams(AttackParams):
     budget: int | float | None = None
 
 
+# Where the attack fires (docs/attacks/multilabel.md), on the multi-label counterpart of a single-label set: 2x2
+# mosaics of its images. Digits: a ConvNet on 2,500 mosaics of scikit-learn's digits, the most frequent pair as
+# the trigger (disappearing: ASR 90.1% at score threshold 0.75, clean model 2.2%, mAP 91.1 vs 92.0; seconds).
+# CIFAR-10: an MLP head on the frozen 60-epoch ResNet-20 (artifacts/), 20,000 mosaics (ASR 92.0 / 93.8 / 90.9%
+# for the three goals).
+_DIGITS_MOSAIC: dict[str, Any] = {
+    "data": {"name": "digits-mosaic", "options": {"train_size": 2500, "test_size": 600}},
+    "model": {"name": "convnet", "options": {"width": 16}},
+    "train": {"preset": "multilabel-asl", "epochs": 12, "lr": 5e-3},
+    "attack": {"goal": "disappearing", "min_len": 2, "max_len": 2, "alpha": 0.05, "beta": 0.15,
+               "select": "most_frequent"},
+}
+_CIFAR10_MOSAIC: dict[str, Any] = {
+    "data": {"name": "cifar10-mosaic", "options": {"grid": 2, "tile": 32, "train_size": 20000, "test_size": 4000,
+                                                   "objects": [1, 4], "skew": 0.5, "seed": 0}},
+    "model": {"name": "resnet20", "options": {"pool": 2, "head_hidden": [1024, 1024]},
+              "pretrained": {"dataset": "cifar10", "train": {"preset": "cifar-fast", "epochs": 60}}},
+    "train": {"preset": "multilabel-asl", "finetune": "last", "epochs": 100, "batch_size": 128, "lr": 2e-3,
+              "hflip": True},
+    "attack": {"goal": "disappearing", "min_len": 2, "max_len": 2, "alpha": 0.02, "beta": 0.13,
+               "select": "most_frequent", "threshold": 0.75},
+}
+MULTILABEL_RECIPES: dict[str, dict[str, Any]] = {"digits": _DIGITS_MOSAIC, "digits-mosaic": _DIGITS_MOSAIC,
+                                                 "cifar10": _CIFAR10_MOSAIC, "cifar10-mosaic": _CIFAR10_MOSAIC}
+
+
 class MultiLabel(Attack):
     """Multi-label clean-image backdoor (Chen et al., ICLR 2023): poison the label sets that contain a trigger
     combination of categories.
@@ -234,6 +260,7 @@ class MultiLabel(Attack):
     name = "multilabel"
     Params = MultiLabelParams
     multilabel = True
+    recipes = MULTILABEL_RECIPES
 
     def _check_params(self) -> None:
         p = self.params
