@@ -1,3 +1,5 @@
+import inspect
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,20 @@ def test_random_flip_changes_labels_only():
     assert p.mask.sum() == 9 and (train.labels[p.mask] == 1).all() and (p.labels[p.mask] == 3).all()
     assert p.images is None
     assert np.array_equal(p.apply(train)[0], train.images)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_constructors_show_their_parameters_as_keywords(name):
+    """help(Flip) and an editor's signature help show every parameter with its type and default."""
+    cls = ATTACKS[name]
+    signature = inspect.signature(cls)
+    fields = cls.Params.model_fields
+    keywords = {n: p for n, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert list(keywords) == list(fields)
+    for field, info in fields.items():
+        assert keywords[field].annotation == info.annotation
+        assert f"\n    {field} (" in cls.__doc__
+    some, value = next((n, info.default) for n, info in fields.items() if type(info.default) in (int, float, str))
+    assert cls(**{some: value}).params.model_dump() == cls().params.model_dump()  # keywords are the parameters
+    with pytest.raises(ConfigError, match="colour: unknown key"):
+        cls(colour=1)

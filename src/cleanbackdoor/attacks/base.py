@@ -19,15 +19,18 @@ accuracy and attack success per epoch and its flip scores; the experiment copies
 
 from __future__ import annotations
 
+import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticUndefined
 
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import BudgetError, ConfigError
@@ -216,6 +219,12 @@ class Configured:
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Params" in cls.__dict__ or "name" in cls.__dict__:
+            cls.__signature__ = params_signature(cls.Params)
+            cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n" + params_doc(cls.Params)
+
     def __init__(self, params: BaseModel | dict | None = None, **kwargs: Any) -> None:
         if isinstance(params, BaseModel):
             params = params.model_dump()
@@ -229,6 +238,48 @@ class Configured:
 
     def _check_params(self) -> None:
         """Checks across parameters that pydantic's field constraints cannot express."""
+
+
+def _default(info: Any) -> Any:
+    if info.default_factory is not None:
+        return info.default_factory()
+    return None if info.default is PydanticUndefined else info.default
+
+
+def params_signature(params: type[BaseModel]) -> inspect.Signature:
+    """The constructor's signature as help() and IDEs show it: ``params`` (a dict or the Params model), then every
+    parameter as a keyword with its type and default."""
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_default(info),
+                                  annotation=info.annotation)
+                for name, info in params.model_fields.items()]
+    first = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                              annotation=f"{params.__name__} | dict | None")
+    return inspect.Signature([first, *keywords])
+
+
+def type_name(t: Any) -> str:
+    """A type annotation as a reader writes it: ``int | 'all' | None`` rather than ``Union[...]``."""
+    origin, args = get_origin(t), get_args(t)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin in (Union, UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if t is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+
+
+def params_doc(params: type[BaseModel]) -> str:
+    """One line per parameter: name, type, default and description (``Field(description=...)``)."""
+    lines = [f"Parameters ({params.__name__}, keywords or a dict; unknown keys are errors):"]
+    for name, info in params.model_fields.items():
+        kind = type_name(info.annotation)
+        lines.append(f"    {name} ({kind}, default {_default(info)!r}): {info.description or ''}".rstrip(": "))
+    return "\n".join(lines)
 
 
 class Attack(Configured, ABC):
