@@ -46,6 +46,25 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cleanbackdoor"
 
 
+def seed_folders() -> list[Path]:
+    """Folders of cache files computed elsewhere (long CPU products kept in a source checkout's ``artifacts/``):
+    ``$CLEANBACKDOOR_SEEDS`` (paths separated like PATH), else the ``artifacts`` folder of the checkout this
+    package runs from, when it is one."""
+    env = os.environ.get("CLEANBACKDOOR_SEEDS")
+    if env is not None:
+        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    checkout = Path(__file__).resolve().parents[2] / "artifacts"
+    return [checkout] if checkout.is_dir() else []
+
+
+def seeded(path: Path) -> Path | None:
+    """A cache file's seed: a file of the same name in one of :func:`seed_folders`, or None."""
+    for folder in seed_folders():
+        if (folder / path.name).is_file():
+            return folder / path.name
+    return None
+
+
 @dataclass(frozen=True)
 class Entry:
     """One cache entry: a file or a folder directly inside one of the cache's folders."""

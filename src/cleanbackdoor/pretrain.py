@@ -34,6 +34,7 @@ them (a linear head on globally pooled features), so one cached extractor serves
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.cache import model_file
+from cleanbackdoor.cache import model_file, seeded
 from cleanbackdoor.config import ModelConfig, PretrainConfig, stable_key
 from cleanbackdoor.data import ImageSet, load_dataset, select_classes, source_fingerprint, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
@@ -108,6 +109,12 @@ def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, de
     key = pretrain_key(model_cfg)
     path = model_file(cache_dir, "pretrained", key) if cache_dir is not None else None
     dev = resolve_device(device)
+    if path is not None and not path.exists() and (seed := seeded(path)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)  # an extractor kept in artifacts/: the cache takes a copy
+        tmp = path.with_suffix(".tmp")
+        shutil.copyfile(seed, tmp)
+        tmp.replace(path)
+        log(f"pretrained extractor: copied from {seed} into the cache")
     if path is not None and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = _build(model_cfg, state)

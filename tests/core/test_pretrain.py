@@ -1,11 +1,13 @@
 """Transfer-learning victims: class selection, the cached pretrained extractor, fine-tuning of the last layer."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from cleanbackdoor.cache import model_file
 from cleanbackdoor.cli import main
 from cleanbackdoor.config import ModelConfig, load_config
 from cleanbackdoor.data import ImageSet, load_dataset
@@ -75,6 +77,23 @@ def test_pretrained_model_is_cached_under_its_inputs(cache):
         pretrain_key(unresolved)
     with pytest.raises(ConfigError, match="not resolved"):
         source_task(unresolved.pretrained)
+
+
+def test_an_extractor_kept_in_a_seed_folder_is_copied_into_an_empty_cache(cache, tmp_path, monkeypatch):
+    """A fresh machine with artifacts/ (here a seed folder) loads the kept extractor instead of pretraining."""
+    cfg = _cfg(cache)
+    first = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device="cpu", progress=False, log=lambda _: None)
+    kept = model_file(cfg.cache_path(), "pretrained", pretrain_key(cfg.model))
+    seeds = tmp_path / "artifacts"
+    seeds.mkdir()
+    shutil.copyfile(kept, seeds / kept.name)
+    monkeypatch.setenv("CLEANBACKDOOR_SEEDS", str(seeds))
+    logs: list[str] = []
+    again = pretrained_model(cfg.model, cache_dir=tmp_path / "empty", device="cpu", progress=False, log=logs.append)
+    assert "copied from" in logs[0] and "loaded from cache" in logs[1] and len(logs) == 2  # no training
+    assert (tmp_path / "empty" / kept.relative_to(cfg.cache_path())).is_file()
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_victim_keeps_the_extractor_and_fine_tuning_the_last_layer_trains_only_the_head(cache):
