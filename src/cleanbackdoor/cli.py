@@ -101,8 +101,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "presets": PRESETS}.get(args.what)
     if registry is None:
         from cleanbackdoor.defenses import DEFENSES as registry
+    width = max(map(len, registry), default=0)
     for name in sorted(registry):
-        print(name)
+        summary = (getattr(registry[name], "__doc__", None) or "").strip().split("\n")[0]
+        print(f"{name:{width}}  {summary}".rstrip() if args.what in ("attacks", "defenses", "triggers") else name)
     return 0
 
 

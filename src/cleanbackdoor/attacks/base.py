@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,7 +224,8 @@ class Configured:
         super().__init_subclass__(**kwargs)
         if "Params" in cls.__dict__ or "name" in cls.__dict__:
             cls.__signature__ = params_signature(cls.Params)
-            cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n" + params_doc(cls.Params)
+            own = cls.__dict__.get("__doc__") or _summary(sys.modules[cls.__module__].__doc__)
+            cls.__doc__ = own.rstrip() + "\n\n" + params_doc(cls.Params)
 
     def __init__(self, params: BaseModel | dict | None = None, **kwargs: Any) -> None:
         if isinstance(params, BaseModel):
@@ -238,6 +240,11 @@ class Configured:
 
     def _check_params(self) -> None:
         """Checks across parameters that pydantic's field constraints cannot express."""
+
+
+def _summary(doc: str | None) -> str:
+    """A module docstring's first paragraph (a class without its own docstring takes it: it names the paper)."""
+    return (doc or "").strip().split("\n\n")[0]
 
 
 def _default(info: Any) -> Any:

@@ -591,7 +591,9 @@ FLIP_RECIPES: dict[str, dict[str, Any]] = {
 
 # -- the attack ---------------------------------------------------------------------------------------------
 class Flip(Attack):
-    """FLIP (Jha, Hayase, Oh, NeurIPS 2023): see the module docstring.
+    """FLIP (Jha, Hayase, Oh, NeurIPS 2023): flip the labels that make a victim follow experts trained with the trigger.
+
+    The algorithm, its deviations from the authors' code and the head-only regime: see the module docstring.
 
     Arguments (``FlipParams``): target / sources / trigger as for every attack (default truck -> deer with the
     sinusoidal trigger); ``budget`` = number of flipped labels (count, or fraction of the whole training set);

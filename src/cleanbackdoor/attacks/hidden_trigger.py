@@ -307,7 +307,7 @@ HIDDEN_TRIGGER_RECIPES: dict[str, dict[str, Any]] = {
 
 
 class HiddenTrigger(Attack):
-    """Hidden trigger backdoor (Saha et al., AAAI 2020); see the module docstring.
+    """Hidden trigger backdoor (Saha et al., AAAI 2020): correctly labelled poisons that collide with triggered sources.
 
     Arguments: ``target``, ``sources`` (a list, or "all" for every other class: the multi-source attack), ``budget``
     (K), ``trigger`` (a patch; position "random" by default), ``eps``, ``iterations``, ``lr``, ``lr_decay``,
