@@ -161,7 +161,7 @@ def _build(model_cfg: ModelConfig, state: dict[str, Any], seed: int = 0) -> Clas
 
 
 def victim_from_pretrained(pretrained: Classifier, image_shape: tuple[int, int, int], num_classes: int,
-                           seed: int, head_hidden: int | list[int] = 0, pool: int | None = None) -> Classifier:
+                           seed: int, head_hidden: int | list[int] = 0, pool: int | str | None = None) -> Classifier:
     """A victim for a ``num_classes``-way task on (C, H, W) images: the pretrained extractor (weights and
     normalization) with a fresh head (linear, or an MLP with ``head_hidden`` units), initialized from ``seed``.
 

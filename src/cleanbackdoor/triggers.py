@@ -7,7 +7,8 @@ trigger's ``seed``, so the same trigger applied twice to the same batch gives th
 
 | name        | what it does                                                                   | from          |
 |-------------|--------------------------------------------------------------------------------|---------------|
-| patch       | a square patch (checkerboard, white, or a seeded random pattern) at a corner,  | BadNets; HTBA |
+| patch       | a square patch (checkerboard, white, seeded noise or a seeded smooth grid of    | BadNets; HTBA |
+|             | saturated colours, ``pattern = "colors"``) at a corner,                         |               |
 |             | a given (row, col), or a random position per image                              |               |
 | sinusoidal  | amplitude * sin(linspace(0, 2*pi*periods, W)) added along the width, all rows   | FLIP (Barni)  |
 | pixels      | FLIP's three single pixels with fixed colours, positions scaled from 32x32      | FLIP          |
@@ -73,14 +74,32 @@ class Trigger(ABC):
 _CORNERS = {"bottom-right", "bottom-left", "top-right", "top-left", "random"}
 
 
+# Saturated colours: black, white, red, green, blue, cyan, magenta, yellow.
+_SATURATED = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 255, 255],
+                       [255, 0, 255], [255, 255, 0]], dtype=np.float32)
+
+
+def _bilinear(grid: np.ndarray, size: int) -> np.ndarray:
+    """A (g, g, C) grid of cells resized to (size, size, C) by bilinear interpolation between the cells' centres
+    (the edges hold the outer cells' colours)."""
+    g = grid.shape[0]
+    x = np.clip((np.arange(size) + 0.5) * g / size - 0.5, 0, g - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, g - 1)
+    t = (x - lo).astype(np.float32)
+    rows = grid[lo] * (1 - t)[:, None, None] + grid[hi] * t[:, None, None]  # along the height
+    return rows[:, lo] * (1 - t)[None, :, None] + rows[:, hi] * t[None, :, None]
+
+
 @dataclass
 class PatchTrigger(Trigger):
     """A square patch; ``size`` None means 3 pixels at 32x32, scaled to the image (at least 2)."""
 
     size: int | None = None
     position: str | tuple[int, int] = "bottom-right"
-    pattern: str = "checkerboard"  # checkerboard | white | black | random
+    pattern: str = "checkerboard"  # checkerboard | white | black | random | colors
     margin: int = 1
+    grid: int = 5  # pattern "colors": cells per side of the colour grid before it is smoothed to the patch size
     name: ClassVar[str] = "patch"
 
     def _check_params(self) -> None:
@@ -98,9 +117,11 @@ class PatchTrigger(Trigger):
             r, c = self.position = tuple(int(v) for v in self.position)
             if not (0 <= r <= h - self.size and 0 <= c <= w - self.size):
                 raise ConfigError(f"patch at {self.position} of size {self.size} does not fit a {h}x{w} image")
-        patterns = {"checkerboard", "white", "black", "random"}
+        patterns = {"checkerboard", "white", "black", "random", "colors"}
         if self.pattern not in patterns:
             raise ConfigError(f"patch pattern must be one of {sorted(patterns)}, got {self.pattern!r}")
+        if self.grid < 2:
+            raise ConfigError(f"patch grid must be at least 2 cells per side, got {self.grid}")
         self._patch = self._make_pattern()
 
     def _make_pattern(self) -> np.ndarray:
@@ -113,6 +134,10 @@ class PatchTrigger(Trigger):
         if self.pattern == "black":
             return np.zeros((s, s, c), np.float32)
         rng = np.random.default_rng(self.seed)
+        if self.pattern == "colors":  # the hidden-trigger authors' kind of trigger, drawn here
+            cells = _SATURATED[rng.integers(0, len(_SATURATED), (self.grid, self.grid))]
+            smooth = _bilinear(cells, s)
+            return smooth if c == 3 else smooth.mean(axis=2, keepdims=True)
         return rng.integers(0, 256, (s, s, c)).astype(np.float32)
 
     def positions(self, n: int) -> np.ndarray:

@@ -210,3 +210,42 @@ def test_attack_works_on_cifar10(shared_data, session_cache, tmp_path, monkeypat
         train(victim, images, task.labels, recipe, progress=False)
         asr[name] = attack_success_rate(predict(victim, patched_dogs), 1)
     assert asr["poisoned"] >= asr["clean"] + 0.08, asr
+
+
+def test_the_attacker_matches_the_feature_map_the_victim_reads(tmp_path):
+    """With a victim option that changes the feature map (``pool = "max"``), the poisons must match the victim's
+    features, not those of the source-task model the extractor was pretrained as."""
+    from cleanbackdoor.attacks import AttackContext
+    from cleanbackdoor.pretrain import build_victim
+
+    cfg = load_config(None, [
+        'model={name="resnet20", options={width=4, pool="max"}, pretrained={classes=[0, 1, 2, 3, 4], '
+        'train={preset="digits", epochs=1}}}', "data.classes=[6, 9]"])
+    images = load_dataset("digits").train.images[:50]
+    victim = build_victim(cfg.model, images, 2, 0, cache_dir=tmp_path)
+    context = AttackContext(cache_dir=tmp_path, device="cpu", model=cfg.model,
+                            victim=lambda s: build_victim(cfg.model, images, 2, s, cache_dir=tmp_path))
+    attacker = HiddenTrigger()._extractor(context, seed=0)
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(feature_fn(attacker.eval())(x), feature_fn(victim.eval())(x))
+        source_model = pretrained_model(cfg.model, cache_dir=tmp_path, device="cpu", progress=False,
+                                        log=lambda _: None)
+        assert not torch.allclose(feature_fn(source_model)(x), feature_fn(victim)(x))  # average vs max pooling
+
+
+def test_colour_grid_patch_is_seeded_saturated_and_smooth():
+    a = build_trigger("patch", (3, 32, 32), seed=3, size=8, position="random", pattern="colors")
+    b = build_trigger("patch", (3, 32, 32), seed=3, size=8, position="random", pattern="colors")
+    c = build_trigger("patch", (3, 32, 32), seed=4, size=8, position="random", pattern="colors")
+    pa = patch_pixels(a).astype(float)
+    assert np.array_equal(pa, patch_pixels(b)) and not np.array_equal(pa, patch_pixels(c))
+    # the corners hold grid cells' colours exactly: every channel at 0 or 255
+    for r, col in [(0, 0), (0, 7), (7, 0), (7, 7)]:
+        assert set(pa[r, col]) <= {0.0, 255.0}
+    # smooth: neighbouring pixels differ by at most the jump between adjacent cells over the cell width
+    assert np.abs(np.diff(pa, axis=0)).max() <= 255 * 5 / 8 + 1e-3
+    grey = build_trigger("patch", (1, 8, 8), seed=3, size=3, pattern="colors", grid=4)
+    assert patch_pixels(grey).shape == (3, 3, 1)
+    with pytest.raises(ConfigError, match="grid"):
+        build_trigger("patch", (3, 32, 32), size=8, pattern="colors", grid=1)

@@ -82,3 +82,17 @@ def test_resnet_pooling_grid_keeps_where_things_are():
         build_model("resnet20", (3, 16, 16), 4, pool=0)
     with pytest.raises(ConfigError, match="pool"):
         build_model("convnet", (3, 16, 16), 4, pool=2)  # the ConvNet keeps its whole map already
+
+
+def test_resnet_global_max_pooling():
+    """``pool = "max"``: the feature of a channel is its largest response anywhere in the last feature map."""
+    model = build_model("resnet20", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, pool="max", width=8).eval()
+    assert model.backbone.feature_dim == 32 and model.head.in_features == 32
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        backbone = model.backbone
+        maps = backbone.final(backbone.stages(backbone.stem_act(backbone.stem_bn(backbone.stem(model.normalize(x))))))
+        assert torch.equal(model.features(x), maps.amax(dim=(2, 3)))
+    for bad in ("min", 0, True):
+        with pytest.raises(ConfigError, match="pool must be"):
+            build_model("resnet20", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, pool=bad)

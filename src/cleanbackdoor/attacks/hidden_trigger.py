@@ -331,15 +331,22 @@ class HiddenTrigger(Attack):
         if self.params.trigger.name != "patch":
             raise ConfigError(f"attack {self.name!r} pastes a patch trigger; got trigger {self.params.trigger.name!r}")
 
-    def _extractor(self, ctx: AttackContext) -> nn.Module:
+    def _extractor(self, ctx: AttackContext, seed: int) -> nn.Module:
+        """The feature map the poisons match: ``extractor`` if given, else the victim's own: its pretrained backbone
+        as the victim reads it (with the victim's options, e.g. ``pool``), built by the experiment's victim
+        builder; without one, the pretrained source-task model."""
         if self.extractor is not None:
             return self.extractor
         model_cfg = ctx.model
         if model_cfg is None or getattr(model_cfg, "pretrained", None) is None:
             raise ConfigError(f"attack {self.name!r} attacks a transfer-learning victim: configure the feature "
                               "extractor it fine-tunes (model.pretrained, a source task) or pass extractor=...")
-        from cleanbackdoor.pretrain import pretrained_model  # here: the pretrain module imports config
+        from cleanbackdoor.pretrain import pretrain_key, pretrained_model  # here: the pretrain module imports config
 
+        if ctx.victim is not None:  # its head is fresh and unused: only ``features`` is read
+            victim = ctx.victim(seed)
+            victim.source_task = {"key": pretrain_key(model_cfg)}
+            return victim
         return pretrained_model(model_cfg, cache_dir=ctx.cache_dir, device=ctx.device, progress=ctx.progress,
                                 log=ctx.log)
 
@@ -365,7 +372,7 @@ class HiddenTrigger(Attack):
                              sources, 0, chosen, train.images[chosen], metadata=meta)
 
         device = resolve_device(ctx.device)
-        extractor = copy.deepcopy(self._extractor(ctx)).to(device).eval()
+        extractor = copy.deepcopy(self._extractor(ctx, seed)).to(device).eval()
         for param in extractor.parameters():
             param.requires_grad_(False)
         targets01 = to_nchw(train.images[chosen], device).float().div_(255)

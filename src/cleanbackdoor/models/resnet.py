@@ -8,8 +8,10 @@
 
 All end in average pooling of the last feature map: global by default, or over a ``pool`` x ``pool`` grid of
 regions (features of size channels * pool**2), which keeps where things are, e.g. which tile of a multi-label
-mosaic holds which object. Pooling has no weights, so an extractor pretrained with global pooling serves a victim
-that pools over a grid (:func:`cleanbackdoor.pretrain.victim_from_pretrained`).
+mosaic holds which object; ``pool = "max"`` takes the global maximum instead (a trigger patch anywhere in the
+image keeps its response, where an average spreads it over every cell: the hidden-trigger attack). Pooling has
+no weights, so an extractor pretrained with global pooling serves a victim that pools over a grid or takes the
+maximum (:func:`cleanbackdoor.pretrain.victim_from_pretrained`).
 """
 
 from __future__ import annotations
@@ -67,10 +69,11 @@ class _StagedResNet(nn.Module):
     preact: bool
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], blocks: list[int], widths: list[int],
-                 act: str = "relu", pool: int = 1) -> None:
+                 act: str = "relu", pool: int | str = 1) -> None:
         super().__init__()
-        if pool < 1:
-            raise ConfigError(f"pool must be >= 1 (1: global average pooling), got {pool}")
+        if pool != "max" and (isinstance(pool, str) or isinstance(pool, bool) or pool < 1):
+            raise ConfigError(f"pool must be >= 1 (1: global average pooling) or 'max' (global max pooling), "
+                              f"got {pool!r}")
         self.pool = pool
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.stem_bn = nn.Identity() if self.preact else nn.BatchNorm2d(widths[0])
@@ -86,7 +89,7 @@ class _StagedResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.final = nn.Sequential(nn.BatchNorm2d(cin), activation(act)) if self.preact else nn.Identity()
-        self.feature_dim = cin * pool * pool
+        self.feature_dim = cin if pool == "max" else cin * pool * pool
 
     def extra_repr(self) -> str:  # the pooling grid has no weights: repr shows it (a key of cached features)
         return f"pool={self.pool}, feature_dim={self.feature_dim}"
@@ -94,6 +97,8 @@ class _StagedResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stem_act(self.stem_bn(self.stem(x)))
         out = self.final(self.stages(out))
+        if self.pool == "max":  # a small patch anywhere survives a maximum, not an average over every cell
+            return F.adaptive_max_pool2d(out, 1).flatten(1)
         return F.adaptive_avg_pool2d(out, self.pool).flatten(1)
 
 
@@ -108,7 +113,7 @@ class CifarResNet(_StagedResNet):
     preact = False
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 20, width: int = 16,
-                 act: str = "relu", pool: int = 1) -> None:
+                 act: str = "relu", pool: int | str = 1) -> None:
         super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act, pool)
 
 
@@ -117,7 +122,7 @@ class PreActResNet(_StagedResNet):
     preact = True
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 32, width: int = 16,
-                 act: str = "leaky_relu", pool: int = 1) -> None:
+                 act: str = "leaky_relu", pool: int | str = 1) -> None:
         super().__init__(in_channels, image_size, _cifar_blocks(depth), [width, 2 * width, 4 * width], act, pool)
 
 
@@ -126,5 +131,5 @@ class ResNet18(_StagedResNet):
     preact = False
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 64, act: str = "relu",
-                 pool: int = 1) -> None:
+                 pool: int | str = 1) -> None:
         super().__init__(in_channels, image_size, [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], act, pool)
