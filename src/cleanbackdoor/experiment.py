@@ -218,6 +218,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
         splits = load_data(cfg)
     train_set, test_set = splits.train, splits.test
     log(f"data: {len(train_set)} training and {len(test_set)} test images of shape {train_set.image_shape}")
+    for note in train_set.meta.get("notes", []):  # what the loader changed, e.g. empty categories left out
+        log(f"data: {note}")
     if train_set.multilabel != attack.multilabel:
         kinds = ("single-label", "multi-label")
         raise ConfigError(f"attack {cfg.attack_name!r} is for {kinds[attack.multilabel]} data but dataset "

@@ -195,3 +195,28 @@ def test_coco128_real(shared_data):
     assert s.labels[:, COCO_CLASSES.index("person")].sum() > 30
     splits = load_dataset("yolo", root=path, classes="coco", size=32)
     assert len(splits.train) + len(splits.test) == 128
+
+
+def test_coco_finds_other_split_names_and_drops_an_empty_placeholder_category(tmp_path):
+    """A labelling tool's export: splits named train/test, and an empty category with id 0 that no image carries."""
+    doc = coco_doc()
+    doc["categories"].insert(0, {"id": 0, "name": "objects", "supercategory": "none"})
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+        for i, f in enumerate(("a.jpg", "b.jpg", "c.jpg")):
+            write_image(tmp_path / split / f, 60 * i)
+    splits = load_dataset("coco", root=tmp_path, size=(6, 6))
+    assert splits.train.class_names == ("person", "car", "dog")
+    assert splits.train.labels.tolist() == [[1, 0, 1], [0, 1, 0]]
+    assert "left out: objects" in splits.train.meta["notes"][0]
+    assert load_dataset("voc2007-coco", root=tmp_path).train.images.shape == (2, 64, 64, 3)
+    # split names that are not there: the error names the files it looked for and those it found
+    with pytest.raises(DataError, match=r"looked for annotations/instances_\{trn,tst\}.json"):
+        load_dataset("coco", root=tmp_path, train="trn", test="tst", size=(6, 6))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match=r"instances_\{train2017,val2017\}.json or .*instances_\{train,test\}"):
+        load_dataset("coco", root=tmp_path / "other", size=(6, 6))
+    (tmp_path / "annotations" / "instances_test.json").unlink()
+    with pytest.raises(DataError, match="it has: instances_train.json"):
+        load_dataset("coco", root=tmp_path, size=(6, 6))

@@ -31,6 +31,7 @@ SEARCH_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": ("mnist", "MNIST", "mnist-png", "mnist-png.tar.gz", "mnist.tar.gz"),
     "cifar10": (CIFAR10_DIR, "cifar-10-python.tar.gz", "cifar10-jpg", "cifar10-jpg.tar.gz", "cifar10"),
     "cifar100": (CIFAR100_DIR, "cifar-100-python.tar.gz", "cifar100"),
+    "voc2007-coco": ("voc2007-coco-128", "voc2007-coco-128.tar.gz"),
 }
 
 
@@ -145,6 +146,13 @@ def _coco(root: str | Path | None = None, **options) -> Splits:
     return load_coco_splits(_resolve_root("coco", root), **options)
 
 
+def _voc2007_coco(root: str | Path | None = None, **options) -> Splits:
+    """PASCAL VOC 2007 re-exported in COCO format (the workplace's ``voc2007-coco-128.tar.gz``): the ``coco`` loader
+    with its split names found and the photos resized to 64x64 unless ``size`` says otherwise."""
+    _check_options("voc2007-coco", options, ("train", "test", "size", "keep_empty"))
+    return load_coco_splits(_resolve_root("voc2007-coco", root), **{"size": (64, 64), **options})
+
+
 def _yolo(root: str | Path | None = None, **options) -> Splits:
     _check_options("yolo", options, ("train", "test", "test_fraction", "seed", "classes", "num_classes", "size",
                                      "keep_empty"))
@@ -169,6 +177,7 @@ DATASETS: dict[str, Callable[..., Splits]] = {
     "folder": _folder,
     "voc": _voc,
     "coco": _coco,
+    "voc2007-coco": _voc2007_coco,
     "yolo": _yolo,
     "digits-mosaic": _mosaic("digits"),
     "mnist-mosaic": _mosaic("mnist"),
@@ -181,7 +190,8 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Splits
 
     Args:
         name: one of :data:`DATASETS`: ``digits`` (no root), ``mnist``, ``cifar10``, ``cifar100``, ``folder``;
-            multi-label: ``voc``, ``coco``, ``yolo`` (real formats) and ``digits-mosaic``, ``mnist-mosaic``,
+            multi-label: ``voc``, ``coco``, ``yolo`` (real formats), ``voc2007-coco`` (VOC 2007 in COCO format,
+            64x64 by default) and ``digits-mosaic``, ``mnist-mosaic``,
             ``cifar10-mosaic`` (composed, see :mod:`.mosaic`; the root is the source dataset's).
         root: a folder or a ``.tar.gz``/``.tgz``/``.tar`` archive; its format is recognized. None looks for the
             usual names (``cifar-10-batches-py``, ``cifar-10-python.tar.gz``, ``cifar10-jpg.tar.gz``,

@@ -67,13 +67,7 @@ def load_coco(annotations: str | Path, images_dir: str | Path, *, size: int | Se
     """One COCO split: the instances JSON ``annotations`` and the folder ``images_dir`` of its images."""
     size = check_size(size)
     annotations, images_dir = Path(annotations), Path(images_dir)
-    if not annotations.is_file():
-        raise DataError(f"COCO: annotation file {annotations} does not exist")
-    try:
-        doc = json.loads(annotations.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"COCO: {annotations} is not valid JSON: {e}") from None
-    files, rows, class_names, ids = parse_coco_instances(doc, str(annotations))
+    files, rows, class_names, ids = _read_instances(annotations)
     keep = [i for i, r in enumerate(rows) if r or keep_empty]
     if not keep:
         raise DataError(f"COCO: {annotations} has no annotated image")
@@ -88,15 +82,56 @@ def load_coco(annotations: str | Path, images_dir: str | Path, *, size: int | Se
                     {"source": str(annotations), "format": "coco", "ids": [ids[i] for i in keep]})
 
 
-def load_coco_splits(root: str | Path, train: str = "train2017", test: str = "val2017", *,
-                     size: int | Sequence[int] | None = None, keep_empty: bool = False) -> Splits:
-    """``root/annotations/instances_<train>.json`` + ``root/<train>/`` and the same for ``test``."""
-    def found(p: Path) -> bool:
-        return (p / "annotations" / f"instances_{train}.json").is_file()
+def _read_instances(annotations: Path) -> tuple[list[str], list[list[int]], tuple[str, ...], list[int]]:
+    if not annotations.is_file():
+        raise DataError(f"COCO: annotation file {annotations} does not exist")
+    try:
+        doc = json.loads(annotations.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"COCO: {annotations} is not valid JSON: {e}") from None
+    return parse_coco_instances(doc, str(annotations))
 
-    base = locate(root, found, "COCO")
-    sets = [load_coco(base / "annotations" / f"instances_{s}.json", base / s, size=size, keep_empty=keep_empty,
-                      name=f"coco-{s}") for s in (train, test)]
+
+# split names tried, in order, when none are given: COCO's own, then the usual names of re-exports
+SPLIT_NAMES = (("train2017", "val2017"), ("train", "test"), ("train", "val"))
+
+
+def load_coco_splits(root: str | Path, train: str | None = None, test: str | None = None, *,
+                     size: int | Sequence[int] | None = None, keep_empty: bool = False) -> Splits:
+    """``root/annotations/instances_<train>.json`` + ``root/<train>/`` and the same for ``test``.
+
+    Without ``train`` and ``test``, the first of :data:`SPLIT_NAMES` whose two annotation files exist. Categories
+    that no image of either split carries (the empty placeholder category some labelling tools export) are left
+    out; the sets' ``meta["notes"]`` says which."""
+    pairs = [(train or a, test or b) for a, b in SPLIT_NAMES] if train is None or test is None else [(train, test)]
+    pairs = list(dict.fromkeys(pairs))
+
+    def found(p: Path) -> bool:
+        return any((p / "annotations" / f"instances_{a}.json").is_file() for a, _ in pairs)
+
+    def looked_for() -> str:
+        return " or ".join(f"annotations/instances_{{{a},{b}}}.json" for a, b in pairs)
+
+    try:
+        base = locate(root, found, "COCO")
+    except DataError as e:
+        raise DataError(f"{e} (looked for {looked_for()}; give the split names with data.options = "
+                        "{train = ..., test = ...})") from None
+    ann = base / "annotations"
+    pair = next(((a, b) for a, b in pairs if (ann / f"instances_{a}.json").is_file()
+                 and (ann / f"instances_{b}.json").is_file()), None)
+    if pair is None:
+        have = ", ".join(sorted(p.name for p in ann.glob("instances_*.json"))) or "none"
+        raise DataError(f"COCO: {ann} has no pair of split files {looked_for()}; it has: {have}")
+    sets = [load_coco(ann / f"instances_{s}.json", base / s, size=size, keep_empty=keep_empty, name=f"coco-{s}")
+            for s in pair]
     if sets[0].class_names != sets[1].class_names:
-        raise DataError(f"COCO: {train} and {test} list different categories")
+        raise DataError(f"COCO: {pair[0]} and {pair[1]} list different categories")
+    used = (sets[0].labels.sum(0) + sets[1].labels.sum(0)) > 0
+    if not used.all():
+        dropped = [n for n, u in zip(sets[0].class_names, used) if not u]
+        note = (f"COCO: categories without any object in {pair[0]} or {pair[1]} left out: {', '.join(dropped)} "
+                "(an export's empty placeholder category)")
+        names = tuple(n for n, u in zip(sets[0].class_names, used) if u)
+        sets = [ImageSet(s.images, s.labels[:, used], names, s.name, {**s.meta, "notes": [note]}) for s in sets]
     return Splits(*sets)
