@@ -278,9 +278,13 @@ def patch_pixels(trigger: PatchTrigger) -> np.ndarray:
 # -- the attack ----------------------------------------------------------------------------------------------
 # Where the attack fires (docs/attacks/hidden_trigger.md). Digits, a transfer-learning run: a ConvNet pretrained
 # by the toolkit on digits 0-4 (cached), its last layer fine-tuned on 6 vs 9; 120 nines perturbed within 64 grey
-# levels (a digit has 17: the 8x8 images are too coarse for 16/255 to move a feature) to collide with sixes that
+# levels (the 8x8 digits have 17 grey levels, 16 apart: 16/255 cannot move a feature) to collide with sixes that
 # carry a 3x3 random patch at a random position (seeds 0/1/2: ASR 53.7/33.3/38.9% against the clean victim's
-# 14.8/5.6/3.7%; seconds on 2 cores). CIFAR-10: the CPU recipe of the results page (dog -> horse, 800 poisons).
+# 14.8/5.6/3.7%; seconds on 2 cores). CIFAR-10, a pair of classes (dog -> horse here; 1,900 training images per
+# class, 800 of the target's perturbed within 16/255): the 60-epoch ResNet-20 of artifacts/ (pretrained on all
+# ten classes, as the paper's ImageNet extractor knows the attacked ones) read through a global max pool (a patch
+# anywhere keeps its response), an MLP head of 1,024 ReLU units trained by the victim (standing in for AlexNet's
+# fc7 and fc8), and the authors' kind of trigger: an 8x8 smooth grid of saturated colours at a random position.
 HIDDEN_TRIGGER_RECIPES: dict[str, dict[str, Any]] = {
     "digits": {
         "data": {"classes": [6, 9]},
@@ -294,13 +298,12 @@ HIDDEN_TRIGGER_RECIPES: dict[str, dict[str, Any]] = {
     },
     "cifar10": {
         "data": {"classes": ["dog", "horse"], "train_per_class": 1900},
-        "model": {"name": "convnet", "options": {"width": 32},
-                  "pretrained": {"classes": ["airplane", "automobile", "bird", "cat", "deer"],
-                                 "train": {"preset": "cifar-fast", "epochs": 12}}},
-        "train": {"finetune": "last", "epochs": 20, "batch_size": 128, "optimizer": "sgd", "lr": 0.01,
-                  "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"},
+        "model": {"name": "resnet20", "options": {"pool": "max", "head_hidden": 1024},
+                  "pretrained": {"train": {"preset": "cifar-fast", "epochs": 60}}},
+        "train": {"finetune": "last", "epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.05,
+                  "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine"},
         "attack": {"target": "horse", "sources": ["dog"], "budget": 800, "eps": 16 / 255,
-                   "trigger": {"name": "patch", "size": 8, "position": "random", "pattern": "random"},
+                   "trigger": {"name": "patch", "size": 8, "position": "random", "pattern": "colors"},
                    "iterations": 150, "step": "sign", "lr": 2 / 255, "decay_every": 50, "stop_loss": 0.0},
     },
 }
