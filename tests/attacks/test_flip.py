@@ -376,7 +376,7 @@ def test_dirty_label_control_takes_the_trigger_sources_and_count():
     p = attack.poison(train, seed=3, context=_ctx())
     spec = attack.dirty_label_spec(p, train)
     assert spec == {"target": 0, "sources": [2], "trigger": {"name": "patch", "size": 2, "position": "bottom-right",
-                                                              "pattern": "checkerboard", "margin": 1},
+                                                              "pattern": "checkerboard", "margin": 1, "grid": 5},
                     "budget": 7}
     dirty = build_attack("badnets", spec).poison(train, seed=3)
     changed = np.flatnonzero(dirty.mask)

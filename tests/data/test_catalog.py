@@ -39,7 +39,7 @@ def write_jpg_tree(root: Path, classes=("truck", "airplane", "cat")) -> Path:
 
 def test_names():
     assert set(DATASETS) == {"digits", "mnist", "cifar10", "cifar100", "folder",
-                             "voc", "coco", "yolo", "digits-mosaic", "mnist-mosaic", "cifar10-mosaic"}
+                             "voc", "voc2007-coco", "coco", "yolo", "digits-mosaic", "mnist-mosaic", "cifar10-mosaic"}
     with pytest.raises(ConfigError,
                        match=r"unknown dataset 'imagenet'; allowed: cifar10, cifar10-mosaic, cifar100, coco, digits"):
         load_dataset("imagenet")

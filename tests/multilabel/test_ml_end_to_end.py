@@ -81,7 +81,7 @@ def test_disappearing_and_appearing_backdoors_work(run):
 
 def test_incompatible_attack_and_data_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
-    assert main(["run", "--attack", "multilabel", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert main(["run", "--attack", "multilabel", "--dataset", "digits", "--out", str(tmp_path / "a"), "--quiet"]) == 2
     assert "multi-label data" in capsys.readouterr().err
     assert main(["run", "--dataset", "digits-mosaic", "--set", "data.options={train_size=50, test_size=20}",
                  "--set", "train.loss='asl'", "--out", str(tmp_path / "b"), "--quiet"]) == 2
