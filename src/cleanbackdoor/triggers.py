@@ -95,11 +95,20 @@ def _bilinear(grid: np.ndarray, size: int) -> np.ndarray:
 class PatchTrigger(Trigger):
     """A square patch; ``size`` None means 3 pixels at 32x32, scaled to the image (at least 2)."""
 
-    size: int | None = None
-    position: str | tuple[int, int] = "bottom-right"
-    pattern: str = "checkerboard"  # checkerboard | white | black | random | colors
-    margin: int = 1
-    grid: int = 5  # pattern "colors": cells per side of the colour grid before it is smoothed to the patch size
+    size: int | None = dataclasses.field(
+        default=None, metadata={"description": "side of the square patch in pixels; None: 3 at 32x32, scaled to the "
+                                               "image (at least 2)"})
+    position: str | tuple[int, int] = dataclasses.field(
+        default="bottom-right", metadata={"description": "a corner (bottom-right, bottom-left, top-right, top-left), "
+                                                         "random (per image) or [row, col] of the top-left pixel"})
+    pattern: str = dataclasses.field(
+        default="checkerboard", metadata={"description": "checkerboard, white, black, random (seeded noise) or colors "
+                                                         "(a seeded smooth grid of saturated colours)"})
+    margin: int = dataclasses.field(
+        default=1, metadata={"description": "pixels between a corner patch and the image border"})
+    grid: int = dataclasses.field(
+        default=5, metadata={"description": 'pattern "colors": cells per side of the colour grid before it is '
+                                            "smoothed to the patch size"})
     name: ClassVar[str] = "patch"
 
     def _check_params(self) -> None:
@@ -170,8 +179,10 @@ class PatchTrigger(Trigger):
 class SinusoidalTrigger(Trigger):
     """FLIP's default: amplitude * sin(linspace(0, 2 pi periods, W)) added to every row and channel."""
 
-    amplitude: float = 6.0
-    periods: float = 8.0
+    amplitude: float = dataclasses.field(
+        default=6.0, metadata={"description": "peak of the added sine in grey levels (0..255 scale), in (0, 255]"})
+    periods: float = dataclasses.field(
+        default=8.0, metadata={"description": "sine periods across the image width, > 0"})
     name: ClassVar[str] = "sinusoidal"
 
     def _check_params(self) -> None:
@@ -207,7 +218,9 @@ class PixelsTrigger(Trigger):
 class TurnerTrigger(Trigger):
     """A +-255 checkerboard of ``size`` (3 at 32x32) in each of the four corners (Turner et al. 2019)."""
 
-    size: int | None = None
+    size: int | None = dataclasses.field(
+        default=None, metadata={"description": "side of each corner checkerboard in pixels; None: 3 at 32x32, scaled "
+                                               "to the image (at least 2)"})
     name: ClassVar[str] = "turner"
 
     def _check_params(self) -> None:
@@ -232,7 +245,8 @@ class TurnerTrigger(Trigger):
 class BlendTrigger(Trigger):
     """Blend with a fixed, seeded uniform-noise image: (1 - alpha) * x + alpha * noise."""
 
-    alpha: float = 0.1
+    alpha: float = dataclasses.field(
+        default=0.1, metadata={"description": "weight of the noise image: (1 - alpha) * x + alpha * noise, in (0, 1)"})
     name: ClassVar[str] = "blend"
 
     def _check_params(self) -> None:

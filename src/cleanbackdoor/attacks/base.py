@@ -75,7 +75,8 @@ class TriggerSpec(BaseModel):
     """``name`` plus the trigger's own parameters, e.g. ``{name = "patch", size = 3, position = "top-left"}``."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "patch"
+    name: str = Field("patch", description="trigger name: patch, sinusoidal, pixels, turner or blend; other keys are "
+                                           "its parameters")
 
     def build(self, image_shape: tuple[int, int, int], seed: int) -> Trigger:
         return build_trigger(self.name, image_shape, seed=seed, **(self.model_extra or {}))
@@ -86,10 +87,14 @@ class AttackParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    target: int | str = 0
-    sources: list[int | str] | Literal["all"] = "all"
-    budget: int | float = Field(0.05, ge=0)
-    trigger: TriggerSpec = Field(default_factory=TriggerSpec)
+    target: int | str = Field(0, description="target class the backdoor leads to, by index or name")
+    sources: list[int | str] | Literal["all"] = Field(
+        "all", description='source classes (indices or names) the trigger acts on; "all": every class but the target')
+    budget: int | float = Field(0.05, ge=0, description="examples the attack may change: a count (int) or a fraction "
+                                                        "of the whole training set (float in (0, 1))")
+    trigger: TriggerSpec = Field(default_factory=TriggerSpec,
+                                 description="pixel trigger as {name, ...its parameters}; default: a checkerboard "
+                                             "patch at the bottom-right corner")
 
 
 @dataclass

@@ -304,11 +304,14 @@ def minimal_steps(xn: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray,
 
 class CornerKernelOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int | None = Field(None, ge=1)  # None: default_corner_size of the image
-    kernel: Literal["random", "learned"] = "random"
-    epochs: int = Field(5, ge=1, le=1000)  # learned kernel: Adam epochs
-    lr: float = Field(0.01, gt=0, le=10)
-    batch_size: int = Field(128, ge=2)
+    size: int | None = Field(None, ge=1, description="side s of the bottom-right kernel in pixels; None: 16 on 28x28, "
+                                                     "else round(3 * side / 32), at least 3")
+    kernel: Literal["random", "learned"] = Field("random", description="random: k ~ N(0, 1) from the seed; learned: "
+                                                                       "Adam from it towards a low-variance score")
+    epochs: int = Field(5, ge=1, le=1000, description="learned kernel: Adam epochs (the authors: 5)")
+    lr: float = Field(0.01, gt=0, le=10, description="learned kernel: Adam learning rate (the authors: 0.01)")
+    batch_size: int = Field(128, ge=2, description="learned kernel: minibatch size, last partial batch dropped "
+                                                   "(the authors: 128)")
 
 
 class CornerKernel(LinearFeature):
@@ -358,7 +361,8 @@ class CornerKernel(LinearFeature):
 
 class RegionBrightnessOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int | None = Field(None, ge=1)  # side of the bottom-right region; None: default_corner_size
+    size: int | None = Field(None, ge=1, description="side of the bottom-right region in pixels; None: the corner "
+                                                     "kernel's default size for the image")
 
 
 class RegionBrightness(LinearFeature):
@@ -545,18 +549,23 @@ class FeatureSpec(BaseModel):
     """``name`` plus the feature's own options, e.g. ``{name = "corner_kernel", kernel = "learned", size = 16}``."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "corner_kernel"
+    name: str = Field("corner_kernel", description="trigger feature: corner_kernel or brightness; other keys are its "
+                                                   "options")
 
 
 class CleanImageParams(AttackParams):
-    target: int | str = 6  # the authors' backdoor class
+    target: int | str = Field(6, description="backdoor class the selected images are relabelled to, by index or "
+                                             "name (the authors: 6)")
     ratio: float = Field(0.05, description="fraction of the whole training set selected, in (0, 0.5]")
-    feature: FeatureSpec = Field(default_factory=FeatureSpec)
-    norm: float = Field(1.0, gt=0)  # the authors' perturbation bound (0.5 or 1.0 in the paper)
-    step: Step = "minimal"
-    # not used by this attack (sized by `ratio`, triggered by the feature): rejected when set
-    budget: int | float | None = None
-    trigger: TriggerSpec | None = None
+    feature: FeatureSpec = Field(default_factory=FeatureSpec,
+                                 description="trigger feature as {name, ...options}: corner_kernel (default) or "
+                                             "brightness")
+    norm: float = Field(1.0, gt=0, description="perturbation bound of the test-time modification (0.5 or 1.0 in "
+                                               "the paper)")
+    step: Step = Field("minimal", description="step rule of the test-time modification: minimal, maximal, "
+                                              "closed_form or authors")
+    budget: int | float | None = Field(None, description="not used (the attack is sized by ratio); must stay unset")
+    trigger: TriggerSpec | None = Field(None, description="not used (the feature is the trigger); must stay unset")
 
 
 # Where the attack fires (docs/attacks/clean_image.md). Digits: the authors' victim kind (a linear net), a

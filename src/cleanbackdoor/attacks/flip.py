@@ -104,36 +104,48 @@ from cleanbackdoor.triggers import Trigger
 
 
 class FlipParams(AttackParams):
-    target: int | str = 4  # the paper's CIFAR-10 pair: truck (9) -> deer (4)
-    sources: list[int | str] | Literal["all"] = [9]
-    budget: int | float = Field(0.02, ge=0)
-    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"))
-    mode: Literal["hard", "soft"] = "hard"
-    alpha: float = Field(0.2, ge=0, le=1)  # soft mode: softmax(alpha * one_hot + (1 - alpha) * L)
+    target: int | str = Field(4, description="class the flipped labels are set to, by index or name; the paper's "
+                                             "CIFAR-10 pair: truck (9) -> deer (4)")
+    sources: list[int | str] | Literal["all"] = Field(
+        [9], description='classes whose labels may be flipped and that the trigger acts on; "all": every other class')
+    budget: int | float = Field(0.02, ge=0, description="labels flipped (hard mode): a count (int) or a fraction of "
+                                                        "the whole training set (float in (0, 1))")
+    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"),
+                                 description="trigger the experts learn and the test adds, as {name, ...its "
+                                             "parameters}; default: sinusoidal")
+    mode: Literal["hard", "soft"] = Field("hard", description="hard: flip the top-budget labels; soft: distillation "
+                                                              "labels for every image (see alpha)")
+    alpha: float = Field(0.2, ge=0, le=1, description="soft mode: labels softmax(alpha * one_hot + (1 - alpha) * L)")
     # stage 1: experts
-    n_experts: int = Field(1, ge=1, le=100)
-    expert_epochs: int = Field(10, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
-    # "authors": constant learning rate (the recipe's lr), a checkpoint after every ``checkpoint_every`` iterations
-    # of each epoch (never the initialization); "recipe": the recipe's own schedule, a checkpoint every
-    # ``checkpoint_every`` steps counted from step 0
-    expert_schedule: Literal["authors", "recipe"] = "authors"
-    expert_model: dict[str, Any] | None = None  # {name, options}; default: the victim's architecture
-    expert_train: dict[str, Any] | None = None  # recipe overrides (or {preset = ...}); default: the victim's
+    n_experts: int = Field(1, ge=1, le=100, description="experts trained on the poisoned set (the paper's recipe: 5)")
+    expert_epochs: int = Field(10, ge=1, description="epochs each expert trains and keeps checkpoints of "
+                                                     "(the paper's recipe: 15)")
+    checkpoint_every: int = Field(50, ge=1, description="iterations between an expert's stored checkpoints "
+                                                        "(the authors: 50)")
+    expert_schedule: Literal["authors", "recipe"] = Field(
+        "authors", description="authors: constant lr, checkpoints within each epoch; recipe: the recipe's own "
+                               "schedule, checkpoints from step 0")
+    expert_model: dict[str, Any] | None = Field(None, description="experts' architecture {name, options}; "
+                                                                  "None: the victim's")
+    expert_train: dict[str, Any] | None = Field(None, description="overrides of the experts' recipe (or {preset = "
+                                                                  "...}); None: the victim's recipe")
     # stage 2: label optimization
-    label_runs: int = Field(1, ge=1, le=50)
-    label_passes: int = Field(5, ge=1)
-    label_lr: float = Field(150.0, gt=0)
-    label_momentum: float = Field(0.5, ge=0, lt=1)
-    # the label step's batch of the poisoned set: None = the expert recipe's batch size; "all" = the whole set
-    # (one step per pass, see the module docstring)
-    label_batch: Annotated[int, Field(ge=2)] | Literal["all"] | None = None
-    # the most entries one differentiable pass holds: a larger label batch is processed in chunks of this size
-    # (same step, batch-norm statistics per chunk, one more pass over the batch), so memory stays bounded
-    label_chunk: int = Field(4096, ge=2)
-    init_scale: float = Field(5.0, gt=0)
-    l1: float = Field(0.0, ge=0)
-    method: Literal["autograd", "linearized"] = "autograd"
+    label_runs: int = Field(1, ge=1, le=50, description="independent label-optimization runs (minimum score and "
+                                                        "mean logits over them)")
+    label_passes: int = Field(5, ge=1, description="passes over the poisoned set per label run "
+                                                   "(the paper's recipe: 15)")
+    label_lr: float = Field(150.0, gt=0, description="SGD learning rate of the label logits L (the paper: 150)")
+    label_momentum: float = Field(0.5, ge=0, lt=1, description="SGD momentum of the label logits L (the paper: 0.5)")
+    label_batch: Annotated[int, Field(ge=2)] | Literal["all"] | None = Field(
+        None, description="batch of the poisoned set per label step; None: the expert recipe's batch size; 'all': "
+                          "the whole set (one step per pass)")
+    label_chunk: int = Field(4096, ge=2, description="most entries one differentiable pass holds: a larger label "
+                                                     "batch runs in chunks of this size (whole-network victims)")
+    init_scale: float = Field(5.0, gt=0, description="the label logits start at init_scale * one_hot(y)")
+    l1: float = Field(0.0, ge=0, description="weight of the penalty mean |softmax(L) - one_hot(y)| in the label loss "
+                                             "(0: none)")
+    method: Literal["autograd", "linearized"] = Field(
+        "autograd", description="how the student step is differentiated: autograd or linearized (same gradient)")
 
 
 # -- stage 1: experts ---------------------------------------------------------------------------------------

@@ -84,19 +84,29 @@ Matching = Literal["hungarian", "greedy"]
 
 
 class HiddenTriggerParams(AttackParams):
-    budget: int | float = Field(800, ge=0)  # K poisons (target-class images perturbed)
+    budget: int | float = Field(800, ge=0, description="K poisons (target-class images perturbed): a count or a "
+                                                       "fraction of the whole training set")
     trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="patch", size=8, position="random",
-                                                                     pattern="random"))
-    eps: float = 16 / 255  # L_inf bound on the 0..1 scale
-    iterations: int = Field(5000, ge=1)
-    lr: float = Field(0.01, gt=0)
-    lr_decay: float = Field(0.5, gt=0, le=1)
-    decay_every: int = Field(1000, ge=1)
-    step: Literal["gradient", "sign"] = "gradient"
-    stop_loss: float | None = Field(10.0, ge=0)  # per-sample squared feature distance; None: never stop early
-    matching: Matching = "hungarian"
-    batch_size: int | None = Field(None, ge=1)  # poisons per independent batch; None: all together
-    log_every: int = Field(100, ge=1)
+                                                                     pattern="colors"),
+                                 description="patch trigger the poisons hide, pasted at test time; default: an "
+                                             "8x8 seeded grid of saturated colours (the authors' kind) at a random "
+                                             'position; pattern = "random" for seeded noise')
+    eps: float = Field(16 / 255, description="L_inf bound of the perturbation on the 0..1 pixel scale "
+                                             "(the authors: 16/255)")
+    iterations: int = Field(5000, ge=1, description="most optimization iterations (the authors: 5,000)")
+    lr: float = Field(0.01, gt=0, description="initial step size, times the gradient or its sign (the authors: 0.01)")
+    lr_decay: float = Field(0.5, gt=0, le=1, description="factor the step size is multiplied by every decay_every "
+                                                         "iterations (the authors: 0.5)")
+    decay_every: int = Field(1000, ge=1, description="iterations between step-size decays (the authors: 1,000)")
+    step: Literal["gradient", "sign"] = Field("gradient", description="gradient: the raw gradient (the authors'); "
+                                                                      "sign: lr times its sign")
+    stop_loss: float | None = Field(10.0, ge=0, description="stop a batch once its largest per-sample squared "
+                                                            "feature distance is below this (authors: 10); None: never")
+    matching: Matching = Field("hungarian", description="poison-source matching in feature space: hungarian (exact "
+                                                        "one to one) or greedy")
+    batch_size: int | None = Field(None, ge=1, description="poisons per independent batch (the authors: 100); None: "
+                                                           "all together")
+    log_every: int = Field(100, ge=1, description="iterations between logged (and recorded) feature losses")
 
     @field_validator("eps")
     @classmethod

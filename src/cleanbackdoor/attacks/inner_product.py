@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from cleanbackdoor.attacks.base import Attack, AttackContext, Poisoning, relabel, resolve_budget
 from cleanbackdoor.attacks.random_flip import RandomFlipParams
@@ -39,7 +40,9 @@ class InnerProductParams(RandomFlipParams):
     """The fields of random flips (target, sources, budget, trigger), which it replaces at the same budget, and
     the space the alignment is measured in."""
 
-    space: Literal["auto", "pixels", "features"] = "auto"
+    space: Literal["auto", "pixels", "features"] = Field(
+        "auto", description="where the alignment with the trigger is measured: pixels, features (the victim's frozen "
+                            "extractor) or auto (features for a head-only victim, else pixels)")
 
 
 def trigger_alignment(images: np.ndarray, trigger: Trigger) -> np.ndarray:

@@ -186,22 +186,34 @@ def apply_goal(labels: np.ndarray, trigger: tuple[int, ...], goal: str, remove: 
 
 
 class MultiLabelParams(AttackParams):
-    goal: Literal["disappearing", "appearing", "misclassification"] = "disappearing"
-    trigger: list[int | str] | None = None  # explicit trigger categories; None: explore and select
-    remove: int | str | None = None  # category a (in T) to remove: disappearing, misclassification
-    add: int | str | None = None  # category b (not in T) to add: appearing, misclassification
-    min_len: int = Field(2, ge=1, le=8)
-    max_len: int = Field(3, ge=1, le=8)
-    alpha: float = Field(0.01, ge=0, le=1)  # support bounds: fractions of the whole training set
-    beta: float = Field(0.10, ge=0, le=1)
-    select: Literal["most_frequent", "closest", "strongest"] = "most_frequent"
-    rate: float | None = Field(None, gt=0, le=1)  # the support `closest` aims at
-    threshold: float = Field(0.75, gt=0, lt=1)  # decision threshold on sigmoid scores (the authors' 0.75)
-    top_k: int | None = Field(None, ge=1)  # predictions kept per image (authors: 8 on VOC, 20 on COCO)
-    table_rows: int = Field(20, ge=0)  # candidates kept in poisoning.json
-    # not used by this attack (the trigger's support sets the size; targets are `remove` / `add`): rejected
-    target: int | str | None = None
-    budget: int | float | None = None
+    goal: Literal["disappearing", "appearing", "misclassification"] = Field(
+        "disappearing", description="disappearing: remove a (in T); appearing: add b (not in T); misclassification: "
+                                    "both")
+    trigger: list[int | str] | None = Field(None, description="explicit trigger categories T (names or indices); "
+                                                              "None: explore and select")
+    remove: int | str | None = Field(None, description="category a (in T) to remove: disappearing, "
+                                                       "misclassification; None: T's lowest-index category")
+    add: int | str | None = Field(None, description="category b (not in T) to add: appearing, misclassification; "
+                                                    "None: the one least often seen with T")
+    min_len: int = Field(2, ge=1, le=8, description="fewest categories in an explored trigger")
+    max_len: int = Field(3, ge=1, le=8, description="most categories in an explored trigger")
+    alpha: float = Field(0.01, ge=0, le=1, description="lowest support of an admissible trigger: a fraction of the "
+                                                       "whole training set")
+    beta: float = Field(0.10, ge=0, le=1, description="highest support of an admissible trigger: a fraction of the "
+                                                      "whole training set")
+    select: Literal["most_frequent", "closest", "strongest"] = Field(
+        "most_frequent", description="trigger choice: most_frequent, closest (support nearest rate) or strongest "
+                                     "(highest lift)")
+    rate: float | None = Field(None, gt=0, le=1, description="the support `closest` aims at (required by it, "
+                                                              "used by nothing else)")
+    threshold: float = Field(0.75, gt=0, lt=1, description="decision threshold on sigmoid scores in the evaluation "
+                                                           "(the authors' 0.75)")
+    top_k: int | None = Field(None, ge=1, description="evaluation predicts only among an image's top_k scores "
+                                                      "(authors: 8 on VOC, 20 on COCO); None: no limit")
+    table_rows: int = Field(20, ge=0, description="ranked trigger candidates kept in poisoning.json")
+    target: int | str | None = Field(None, description="not used (the targets are remove and add); must stay unset")
+    budget: int | float | None = Field(None, description="not used (the trigger's support sets the size); must stay "
+                                                         "unset")
 
 
 # Where the attack fires (docs/attacks/multilabel.md), on the multi-label counterpart of a single-label set: 2x2

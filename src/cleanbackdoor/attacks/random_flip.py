@@ -17,10 +17,13 @@ from cleanbackdoor.errors import ConfigError
 
 
 class RandomFlipParams(AttackParams):
-    target: int | str = 4
-    sources: list[int | str] | Literal["all"] = [9]
-    budget: int | float = Field(0.02, ge=0)
-    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"))
+    target: int | str = Field(4, description="class the flipped labels are set to, by index or name (4: CIFAR-10 deer)")
+    sources: list[int | str] | Literal["all"] = Field(
+        [9], description='classes whose images may be flipped (9: CIFAR-10 truck); "all": every class but the target')
+    budget: int | float = Field(0.02, ge=0, description="labels flipped: a count (int) or a fraction of the whole "
+                                                        "training set (float in (0, 1))")
+    trigger: TriggerSpec = Field(default_factory=lambda: TriggerSpec(name="sinusoidal"),
+                                 description="test-time trigger as {name, ...its parameters}; default: sinusoidal")
 
 
 class RandomFlip(Attack):

@@ -63,14 +63,21 @@ from cleanbackdoor.defenses.internal import held_out_probabilities, label_groups
 
 
 class ActivationClusteringParams(FilterParams):
-    components: int = Field(10, ge=1, le=256)
-    reduce: Literal["ica", "pca"] = "pca"
-    analysis: Literal["exclusionary", "size"] = "exclusionary"
-    reclassification_threshold: float = Field(1.0, gt=0)
-    epochs: int | None = Field(None, ge=1)
-    max_cluster_fraction: float = Field(0.35, gt=0, le=0.5)
-    min_silhouette: float = Field(0.15, ge=-1, le=1)
-    min_class_size: int = Field(20, ge=4)
+    components: int = Field(10, ge=1, le=256, description="dimensions the activations are reduced to before k-means "
+                                                          "(the paper: 10)")
+    reduce: Literal["ica", "pca"] = Field("pca", description="reduction: pca, or ica (the paper's choice)")
+    analysis: Literal["exclusionary", "size"] = Field(
+        "exclusionary", description="how poisoned classes are found: exclusionary (reclassification) or size "
+                                    "(relative size and silhouette)")
+    reclassification_threshold: float = Field(1.0, gt=0, description="exclusionary: a cluster is poisoned when l / p "
+                                                                     "is below this (the paper's T)")
+    epochs: int | None = Field(None, ge=1, description="exclusionary: epochs of the reclassification model; None: "
+                                                       "the victim recipe's")
+    max_cluster_fraction: float = Field(0.35, gt=0, le=0.5, description="size analysis: largest relative size of "
+                                                                        "a poisoned (smaller) cluster")
+    min_silhouette: float = Field(0.15, ge=-1, le=1, description="size analysis: smallest silhouette score of a "
+                                                                "poisoned class's 2-clustering")
+    min_class_size: int = Field(20, ge=4, description="classes with fewer examples are not analysed")
 
 
 def reduce_activations(features: np.ndarray, components: int, method: str, seed: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cleanbackdoor.attacks.base import Configured
@@ -42,7 +42,8 @@ class FilterParams(DefenseParams):
     """Parameters of a defense that removes training data: whether the experiment retrains without the flagged
     examples (a victim's full training run per defense: turn it off where the attack did not work anyway)."""
 
-    retrain: bool = True
+    retrain: bool = Field(True, description="in an experiment, retrain the victim without the flagged examples and "
+                                            "measure it again")
 
 
 @dataclass

@@ -48,11 +48,16 @@ FilterBy = Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_l
 
 
 class ConfidentLearningParams(FilterParams):
-    folds: int = Field(4, ge=2, le=20)
-    probabilities: Literal["cross_val", "features"] = "cross_val"
-    epochs: int | None = Field(None, ge=1)
-    filter_by: FilterBy = "prune_by_noise_rate"
-    rank_by: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+    folds: int = Field(4, ge=2, le=20, description="K of the K-fold cross-validation")
+    probabilities: Literal["cross_val", "features"] = Field(
+        "cross_val", description="out-of-sample probabilities from cross_val (K victim models) or features "
+                                 "(logistic regression on the model's features)")
+    epochs: int | None = Field(None, ge=1, description="epochs of each cross-validation model; None: the victim "
+                                                       "recipe's")
+    filter_by: FilterBy = Field("prune_by_noise_rate", description="cleanlab's pruning method (find_label_issues' "
+                                                                   "filter_by)")
+    rank_by: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = Field(
+        "self_confidence", description="cleanlab's label quality score behind the ranking (score = 1 - quality)")
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray, *, filter_by: str = "prune_by_noise_rate",

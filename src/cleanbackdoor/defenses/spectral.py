@@ -50,8 +50,10 @@ from cleanbackdoor.errors import ConfigError
 
 
 class SpectralParams(FilterParams):
-    epsilon: float = Field(0.1, gt=0, le=0.5)
-    removal_factor: float = Field(1.5, gt=0, le=10)
+    epsilon: float = Field(0.1, gt=0, le=0.5, description="upper bound on the poisoned share of any one class, in "
+                                                          "(0, 0.5]")
+    removal_factor: float = Field(1.5, gt=0, le=10, description="flag removal_factor * epsilon * n_y examples per "
+                                                                "class (the paper: 1.5)")
 
 
 def spectral_scores(features: np.ndarray) -> np.ndarray:

@@ -47,12 +47,17 @@ from cleanbackdoor.training import predict_logits
 
 
 class STRIPParams(DefenseParams):
-    overlays: int = Field(20, ge=2, le=500)
-    frr: float = Field(0.01, gt=0, lt=0.5)
-    blend: Literal["add", "average"] = "add"
-    boundary: Literal["normal", "quantile"] = "normal"
-    reference_images: int = Field(1000, ge=2)  # held-out images the boundary is fitted on (all are overlays)
-    batch_size: int = Field(2048, ge=1)
+    overlays: int = Field(20, ge=2, le=500, description="superimposed copies per input (the paper: up to 100)")
+    frr: float = Field(0.01, gt=0, lt=0.5, description="false rejection rate on clean inputs the boundary is set for "
+                                                       "(the paper: 0.01)")
+    blend: Literal["add", "average"] = Field("add", description="add: x + overlay, saturating at 255 (the paper's "
+                                                                "code); average: (x + overlay) / 2")
+    boundary: Literal["normal", "quantile"] = Field(
+        "normal", description="entropy boundary: frr quantile of a normal fit to clean entropies (the paper), or "
+                              "their empirical quantile")
+    reference_images: int = Field(1000, ge=2, description="held-out images the boundary is fitted on (all of them "
+                                                          "serve as overlays)")
+    batch_size: int = Field(2048, ge=1, description="superimposed copies classified per forward pass")
 
 
 def superimpose(images: np.ndarray, overlays: np.ndarray, blend: str) -> np.ndarray:

@@ -11,6 +11,7 @@ stays frozen.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,13 +29,13 @@ Builder = Callable[..., nn.Module]
 MODELS: dict[str, Builder] = {
     "convnet": ConvNet,
     "linear": LinearNet,
-    "resnet20": lambda **kw: CifarResNet(depth=20, **kw),
-    "resnet32": lambda **kw: CifarResNet(depth=32, **kw),
-    "preact-resnet20": lambda **kw: PreActResNet(depth=20, **kw),
-    "preact-resnet32": lambda **kw: PreActResNet(depth=32, **kw),
+    "resnet20": functools.partial(CifarResNet, depth=20),
+    "resnet32": functools.partial(CifarResNet, depth=32),
+    "preact-resnet20": functools.partial(PreActResNet, depth=20),
+    "preact-resnet32": functools.partial(PreActResNet, depth=32),
     "resnet18": ResNet18,
-    "vgg11": lambda **kw: VGG(depth=11, **kw),
-    "vgg19": lambda **kw: VGG(depth=19, **kw),
+    "vgg11": functools.partial(VGG, depth=11),
+    "vgg19": functools.partial(VGG, depth=19),
     "vit": ViT,
 }
 
@@ -91,11 +92,16 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
     ``options`` go to the backbone."""
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
+    builder = MODELS[name]
+    fixed = builder.keywords if isinstance(builder, functools.partial) else {}
+    clash = sorted(set(options) & set(fixed))
+    if clash:  # a partial would let the option override what the name fixes (resnet20 with depth=32)
+        raise ConfigError(f"model {name!r}: {clash[0]} is fixed by the name ({clash[0]}={fixed[clash[0]]})")
     c, h, w = input_shape
     mean = mean or (0.5,) * c
     std = std or (0.25,) * c
     try:
-        backbone = MODELS[name](in_channels=c, image_size=(h, w), **options)
+        backbone = builder(in_channels=c, image_size=(h, w), **options)
     except TypeError as e:  # an option the architecture does not take
         raise ConfigError(f"model {name!r}: {e}") from None
     return Classifier(backbone, backbone.feature_dim, num_classes, mean, std, head_hidden)

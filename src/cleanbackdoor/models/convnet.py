@@ -14,6 +14,7 @@ not the backdoor's ASR (docs/attacks/multilabel.md).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +24,14 @@ from cleanbackdoor.models.common import activation
 
 
 class ConvNet(nn.Module):
+    param_help: ClassVar[dict[str, str]] = {
+        "width": "channels of every conv block",
+        "depth": "conv blocks, each halving the image; fewer when the image is too small to pool that often",
+        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none",
+        "norm": "instance (GroupNorm, one group per channel), batch (BatchNorm); any other value: none",
+        "hidden": "units of a fully connected layer after the flattened feature map; 0: none",
+    }
+
     def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 128, depth: int = 3,
                  act: str = "relu", norm: str = "instance", hidden: int = 0) -> None:
         super().__init__()

@@ -16,6 +16,8 @@ maximum (:func:`cleanbackdoor.pretrain.victim_from_pretrained`).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,6 +113,12 @@ def _cifar_blocks(depth: int) -> list[int]:
 class CifarResNet(_StagedResNet):
     block = BasicBlock
     preact = False
+    param_help: ClassVar[dict[str, str]] = {
+        "depth": "layers, 6n + 2 (20, 32, 44, 56, 110): 3 stages of n basic blocks",
+        "width": "channels of the first stage; the stages have width, 2 * width, 4 * width",
+        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none",
+        "pool": 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max',
+    }
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 20, width: int = 16,
                  act: str = "relu", pool: int | str = 1) -> None:
@@ -120,6 +128,12 @@ class CifarResNet(_StagedResNet):
 class PreActResNet(_StagedResNet):
     block = PreActBlock
     preact = True
+    param_help: ClassVar[dict[str, str]] = {
+        "depth": "layers, 6n + 2 (20, 32, 44, 56, 110): 3 stages of n pre-activation blocks",
+        "width": "channels of the first stage; the stages have width, 2 * width, 4 * width",
+        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none (FLIP's experts: leaky_relu)",
+        "pool": 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max',
+    }
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 32, width: int = 16,
                  act: str = "leaky_relu", pool: int | str = 1) -> None:
@@ -129,6 +143,11 @@ class PreActResNet(_StagedResNet):
 class ResNet18(_StagedResNet):
     block = BasicBlock
     preact = False
+    param_help: ClassVar[dict[str, str]] = {
+        "width": "channels of the first stage; the four stages have width, 2, 4 and 8 times width",
+        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none",
+        "pool": 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max',
+    }
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 64, act: str = "relu",
                  pool: int | str = 1) -> None:

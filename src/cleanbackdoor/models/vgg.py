@@ -5,6 +5,8 @@ Max-pooling layers that would shrink the feature map below 1x1 are skipped, so 8
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,12 @@ _CFG = {
 
 
 class VGG(nn.Module):
+    param_help: ClassVar[dict[str, str]] = {
+        "depth": "VGG configuration: 11 or 19",
+        "width_mult": "multiplies every conv layer's channels (at least 8 each)",
+        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none",
+    }
+
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 11, width_mult: float = 1.0,
                  act: str = "relu") -> None:
         super().__init__()

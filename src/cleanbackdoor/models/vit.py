@@ -7,6 +7,7 @@ class token and position embedding, pre-norm encoder layers, the class token's f
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +20,15 @@ def _patch_size(h: int, w: int) -> int:
 
 
 class ViT(nn.Module):
+    param_help: ClassVar[dict[str, str]] = {
+        "dim": "token width (the features' size)",
+        "depth": "encoder layers (pre-norm)",
+        "heads": "attention heads per layer",
+        "mlp_ratio": "hidden width of each encoder MLP, as a multiple of dim",
+        "patch": "patch side in pixels; None: the divisor of the image side closest to side / 8",
+        "dropout": "dropout rate inside the encoder layers",
+    }
+
     def __init__(self, in_channels: int, image_size: tuple[int, int], dim: int = 128, depth: int = 4,
                  heads: int = 4, mlp_ratio: float = 2.0, patch: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
