@@ -126,6 +126,34 @@ def test_early_stopping_and_independent_batches(data, extractor):
     assert res.iterations == [3, 3, 3] and res.poisons.shape == targets.shape
 
 
+def test_sources_drawn_once_per_batch_run_the_extractor_on_them_once(data, extractor):
+    """source_draw "once" (the authors' code, ART): each batch's patched sources are drawn and embedded at its first
+    iteration and kept; "fresh" (the paper's algorithm) embeds new ones every iteration. Counted in images fed to f."""
+    targets = torch.from_numpy(data.images[data.labels == 1][:6]).permute(0, 3, 1, 2).float() / 255
+    sources = torch.from_numpy(data.images[data.labels == 0]).permute(0, 3, 1, 2).contiguous()
+    f = feature_fn(extractor)
+    patch = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def counting(x):
+        seen.append(len(x))
+        return f(x)
+
+    fresh = optimize_poisons(counting, targets, sources, patch, iterations=5, stop_loss=None,
+                             batch_size=3, source_draw="fresh", seed=1)
+    assert sum(seen) == 2 * 5 * 6  # every iteration: 6 sources and 6 poisons
+    seen.clear()
+    once = optimize_poisons(counting, targets, sources, patch, iterations=5, stop_loss=None,
+                            batch_size=3, source_draw="once", seed=1)
+    assert sum(seen) == 6 + 5 * 6  # the sources once per batch, the poisons every iteration
+    assert once.iterations == fresh.iterations == [5, 5]
+    again = optimize_poisons(f, targets, sources, patch, iterations=5, stop_loss=None, batch_size=3,
+                             source_draw="once", seed=1)
+    assert torch.equal(again.poisons, once.poisons)  # deterministic under the seed
+    assert not torch.equal(fresh.poisons, once.poisons)  # later iterations matched other sources
+    assert (once.poisons - targets).abs().max() <= 16 / 255 + 1e-6
+
+
 # -- the poisoning contract ------------------------------------------------------------------------------
 def test_poisoning_contract(data, extractor):
     attack = _attack(extractor)

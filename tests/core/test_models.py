@@ -96,3 +96,28 @@ def test_resnet_global_max_pooling():
     for bad in ("min", 0, True):
         with pytest.raises(ConfigError, match="pool must be"):
             build_model("resnet20", (3, 32, 32), 10, (0.5,) * 3, (0.25,) * 3, pool=bad)
+
+
+def test_alexnet_reads_fc7_after_three_max_pools():
+    """The hidden-trigger paper's extractor shape: five convolutions (three 2x2 max pools at 32x32), fc6 and fc7 of
+    ``fc`` ReLU units; the backbone's output (the features the victim's head reads) is fc7."""
+    model = build_model("alexnet", (3, 32, 32), 10, width=8, fc=48).eval()
+    backbone = model.backbone
+    convs = [m for m in backbone.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 24, 48, 32, 32]
+    assert [c.kernel_size for c in convs] == [(5, 5), (5, 5), (3, 3), (3, 3), (3, 3)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in backbone.features) == 3
+    assert backbone.fc6[2].in_features == 32 * 4 * 4  # 32x32 -> 4x4 after three pools
+    assert model.head.in_features == 48 and model.head.out_features == 10
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        fc7 = backbone.fc7(backbone.fc6(backbone.features(model.normalize(x))))
+        assert torch.equal(model.features(x), fc7)
+        assert (fc7 >= 0).all()  # after the ReLU, as the paper's fc7
+        assert torch.equal(model(x), model.head(fc7))
+    default = build_model("alexnet", (3, 32, 32), 10).backbone
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in default.modules()) == 5
+    plain = build_model("alexnet", (3, 32, 32), 10, norm="none").backbone
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    with pytest.raises(ConfigError, match="norm must be"):
+        build_model("alexnet", (3, 32, 32), 10, norm="layer")

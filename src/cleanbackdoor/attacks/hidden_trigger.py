@@ -43,6 +43,9 @@ Deviations from the authors' code, all deliberate:
   matching, is the same as with the distance;
 - all poisons are optimized together (one forward and backward per iteration, matching over the whole set)
   unless ``batch_size`` is set; the authors run batches of 100 one after the other;
+- step 2a draws fresh patched sources every iteration, as the paper's algorithm reads; the authors' code (and
+  ART) draw each batch's sources once and keep them: ``source_draw = "once"``, which saves the source forward
+  pass of every later iteration;
 - images are 0..1 floats in the model's input space (the extractor normalizes internally), so eps = 16/255 is the
   authors' eps on the pixel scale; source images come from the training set's source classes (the authors keep a
   separate poison-generation split).
@@ -81,6 +84,7 @@ from cleanbackdoor.training import predict, resolve_device
 from cleanbackdoor.triggers import PatchTrigger
 
 Matching = Literal["hungarian", "greedy"]
+SourceDraw = Literal["fresh", "once"]
 
 
 class HiddenTriggerParams(AttackParams):
@@ -106,6 +110,9 @@ class HiddenTriggerParams(AttackParams):
                                                         "one to one) or greedy")
     batch_size: int | None = Field(None, ge=1, description="poisons per independent batch (the authors: 100); None: "
                                                            "all together")
+    source_draw: SourceDraw = Field("fresh", description="fresh: new patched sources every iteration (the paper's "
+                                                         "algorithm); once: drawn once per batch, as the authors' "
+                                                         "code and ART do (one forward pass fewer per iteration)")
     log_every: int = Field(100, ge=1, description="iterations between logged (and recorded) feature losses")
 
     @field_validator("eps")
@@ -190,7 +197,8 @@ def optimize_poisons(features: Callable[[torch.Tensor], torch.Tensor], targets: 
                      fixed_position: tuple[int, int] = (0, 0), eps: float = 16 / 255, iterations: int = 5000,
                      lr: float = 0.01, lr_decay: float = 0.5, decay_every: int = 1000,
                      step: Literal["gradient", "sign"] = "gradient", stop_loss: float | None = 10.0,
-                     matching: Matching = "hungarian", batch_size: int | None = None, seed: int = 0,
+                     matching: Matching = "hungarian", batch_size: int | None = None,
+                     source_draw: SourceDraw = "fresh", seed: int = 0,
                      log: Callable[[str], None] | None = None, log_every: int = 100,
                      callback: Callable[[int, torch.Tensor], None] | None = None) -> PoisonResult:
     """The hidden-trigger optimization (module docstring, step 2) on tensors.
@@ -201,6 +209,8 @@ def optimize_poisons(features: Callable[[torch.Tensor], torch.Tensor], targets: 
         sources: the source-class images to draw from, uint8 (M, C, H, W) on the same device.
         patch: the trigger (C, s, s), 0..1 floats.
         random_position: paste the trigger at a random position per image (else at ``fixed_position``).
+        source_draw: "fresh" draws (and runs the extractor on) new patched sources every iteration; "once" draws
+            each batch's sources and trigger positions at its first iteration and keeps their features.
         seed: seeds the source draws and trigger positions (a CPU generator, so runs are reproducible).
         callback: called as ``callback(iterations_done, poisons)`` whenever the loss is logged (every
             ``log_every`` iterations and at the end), e.g. to measure the poisons on held-out data.
@@ -218,6 +228,7 @@ def optimize_poisons(features: Callable[[torch.Tensor], torch.Tensor], targets: 
     done = [False] * len(batches)
     ran = [0] * len(batches)
     history: list[list[float]] = []
+    kept: dict[int, torch.Tensor] = {}  # source_draw "once": each batch's source features
     t0 = time.perf_counter()
     for it in range(iterations):
         rate = lr * lr_decay ** (it // decay_every)
@@ -227,15 +238,20 @@ def optimize_poisons(features: Callable[[torch.Tensor], torch.Tensor], targets: 
                 continue
             n = sl.stop - sl.start
             # (a) n source images, patched at random positions
-            idx = torch.randperm(m, generator=gen)[:n] if m >= n else torch.randint(m, (n,), generator=gen)
-            if random_position:
-                pos = torch.stack([torch.randint(h - s + 1, (n,), generator=gen),
-                                   torch.randint(w - s + 1, (n,), generator=gen)], 1)
+            if b in kept:
+                f_src = kept[b]
             else:
-                pos = torch.tensor([fixed_position]).expand(n, 2)
-            patched = paste_patch(sources[idx.to(dev)].float().div_(255), patch, pos)
-            with torch.no_grad():
-                f_src = features(patched)
+                idx = torch.randperm(m, generator=gen)[:n] if m >= n else torch.randint(m, (n,), generator=gen)
+                if random_position:
+                    pos = torch.stack([torch.randint(h - s + 1, (n,), generator=gen),
+                                       torch.randint(w - s + 1, (n,), generator=gen)], 1)
+                else:
+                    pos = torch.tensor([fixed_position]).expand(n, 2)
+                patched = paste_patch(sources[idx.to(dev)].float().div_(255), patch, pos)
+                with torch.no_grad():
+                    f_src = features(patched)
+                if source_draw == "once":
+                    kept[b] = f_src
             # (b) one-to-one matching in feature space
             z = poisons[sl].clone().requires_grad_(True)
             f_z = features(z)
@@ -398,7 +414,8 @@ class HiddenTrigger(Attack):
             feature_fn(extractor), targets01, source_images, patch, random_position=trigger.position == "random",
             fixed_position=fixed, eps=p.eps, iterations=p.iterations, lr=p.lr, lr_decay=p.lr_decay,
             decay_every=p.decay_every, step=p.step, stop_loss=p.stop_loss, matching=p.matching,
-            batch_size=p.batch_size, seed=seed, log=ctx.log if ctx.progress else None, log_every=p.log_every)
+            batch_size=p.batch_size, source_draw=p.source_draw, seed=seed, log=ctx.log if ctx.progress else None,
+            log_every=p.log_every)
         images = quantize(result.poisons, train.images[chosen], p.eps)
         diff = np.abs(images.astype(np.int16) - train.images[chosen].astype(np.int16))
         mask = np.zeros(len(train), dtype=bool)
@@ -409,7 +426,8 @@ class HiddenTrigger(Attack):
                      "final_feature_loss_max": float(result.final_loss.max()),
                      "initial_feature_loss_mean": result.history[0][1] if result.history else None,
                      "linf_grey_levels": int(diff.max()), "mean_abs_grey_levels": float(diff.mean()),
-                     "matching": p.matching, "seconds": round(result.seconds, 3), "history": result.history,
+                     "matching": p.matching, "source_draw": p.source_draw, "seconds": round(result.seconds, 3),
+                     "history": result.history,
                      "extractor": getattr(extractor, "source_task", {}).get("key")})
         ctx.log(f"hidden trigger: {max(result.iterations)} iterations in {result.seconds:.1f}s, feature loss "
                 f"mean {meta['final_feature_loss_mean']:.3f} (from {meta['initial_feature_loss_mean']:.3f}), "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cleanbackdoor.errors import ConfigError, unknown_name
+from cleanbackdoor.models.alexnet import AlexNet
 from cleanbackdoor.models.convnet import ConvNet
 from cleanbackdoor.models.linear import LinearNet
 from cleanbackdoor.models.resnet import CifarResNet, PreActResNet, ResNet18
@@ -37,6 +38,7 @@ MODELS: dict[str, Builder] = {
     "vgg11": functools.partial(VGG, depth=11),
     "vgg19": functools.partial(VGG, depth=19),
     "vit": ViT,
+    "alexnet": AlexNet,
 }
 
 
