@@ -1,8 +1,9 @@
 """This toolkit's hidden-trigger attack against ART's ``HiddenTriggerBackdoor``, one run, same inputs.
 
-Both get the same pretrained feature extractor (the one of ``--config``, from the toolkit's cache: its
-``backbone`` output is the feature layer for both), the same K target images, the same source-class images, eps,
-iterations, learning rate and decay, and the same secret trigger (pasted at random positions); early stopping is
+Both get the same feature map, the one the victim of ``--config`` reads (its pretrained extractor with the
+config's model options, e.g. a global max pool: the ``backbone`` output is the feature layer for both), the same K
+target images, the same source-class images, eps, iterations, learning rate and decay, and the same secret trigger
+(pasted at random positions, or with ``--fixed-position`` at one position as in ART's notebook); early stopping is
 off for both, so both run exactly ``--iterations`` steps per poison. Printed, for each:
 
 - poison-generation time (wall clock, same process, same thread count) and the ratio ART / ours, at the same
@@ -11,18 +12,20 @@ off for both, so both run exactly ``--iterations`` steps per poison. Printed, fo
 - the final feature loss, measured identically for both on held-out data: the mean over poisons of
   ||f(z_k) - f(s~_a(k))||^2 against the source-class *test* images patched at fixed random positions, a(k) the
   optimal one-to-one assignment (and the same figure for the unperturbed targets, for scale);
-- the resulting attack: the victim of ``--config`` (last layer fine-tuned on the frozen extractor) trained on
-  the clean task with the K target images replaced by each method's poisons (quantized to uint8 within eps):
-  CTA and ASR (patched source test images predicted as the target), next to the clean victim.
+- the resulting attack: the victim of ``--config`` (its head trained on the frozen extractor's cached features)
+  trained on the clean task with the K target images replaced by each method's poisons (quantized to uint8 within
+  eps): CTA, ASR (patched source test images predicted as the target) and the ASR without the trigger, next to the
+  clean victim's.
 
-What differs is only the implementation: ART optimizes batches of ``--art-batch`` poisons one after the other
-against sources drawn once per batch, matches greedily in a Python loop, and back-propagates into the model's
-weights as well; ours optimizes all K poisons together, draws fresh patched sources every iteration (the paper's
-algorithm, so ours does a source forward pass per iteration that ART does not), matches with the Hungarian
-algorithm, and differentiates with respect to the images only.
+What differs is the implementation: ART optimizes batches of ``--art-batch`` poisons one after the other against
+sources drawn once per batch, matches greedily in a Python loop, and back-propagates into the model's weights as
+well; ours optimizes all K poisons together, matches with the Hungarian algorithm, differentiates with respect to
+the images only, and draws its sources once per batch too (``--source-draw once``, the default here) or fresh
+every iteration as the paper reads (``--source-draw fresh``: one more forward pass per iteration).
 
     PYTHONPATH=src python benchmarks/hidden_trigger_vs_art.py --root ../shared/data/cifar10-jpg.tar.gz \\
-        [--config configs/hidden-trigger-cifar10.toml] [--poisons 800] [--iterations 100] [--threads 2]
+        [--config configs/hidden-trigger-cifar10.toml] [--poisons 800] [--iterations 100] [--threads 2] \\
+        [--source-draw once|fresh] [--fixed-position] [--set KEY=VALUE ...]
 
 Needs the benchmark extra: ``pip install -e .[bench]`` (adversarial-robustness-toolbox).
 """
@@ -41,10 +44,11 @@ from scipy.optimize import linear_sum_assignment
 
 from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger, feature_fn, paste_patch, patch_pixels, quantize
 from cleanbackdoor.config import load_config
-from cleanbackdoor.experiment import load_data
+from cleanbackdoor.experiment import frozen_features, load_data
 from cleanbackdoor.metrics import accuracy, attack_success_rate
-from cleanbackdoor.pretrain import pretrained_model, victim_from_pretrained
+from cleanbackdoor.pretrain import build_victim
 from cleanbackdoor.training import predict, resolve_device, train
+from cleanbackdoor.triggers import build_trigger
 
 
 def heldout_loss(features, poisons: torch.Tensor, patched: torch.Tensor) -> float:
@@ -85,6 +89,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=5, help="iterations between held-out checks of ours")
+    ap.add_argument("--source-draw", choices=["fresh", "once"], default="once",
+                    help="ours: fresh patched sources every iteration (the paper), or once per batch (ART, authors)")
+    ap.add_argument("--fixed-position", action="store_true",
+                    help="the trigger at one position, 5 pixels in from the bottom-right border (ART's notebook), "
+                         "instead of a random one per image")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -102,20 +111,34 @@ def main() -> None:
                          eps=args.eps)
     target, sources = spec.resolve_classes(train_set)
     source = sources[0] if sources else 1 - target
-    extractor = pretrained_model(cfg.model, cache_dir=cfg.cache_path(), device=dev, progress=False)
+    # the feature map the victim reads (the config's model options, e.g. pool, included), as the attack uses it
+    extractor = build_victim(cfg.model, train_set.images, train_set.num_classes, cfg.seed,
+                             cache_dir=cfg.cache_path()).to(dev).eval()
     features = feature_fn(extractor)
-    trigger = spec.params.trigger.build(train_set.image_shape, args.seed)
+    trigger_spec = dict(spec.params.trigger.model_dump())
+    if args.fixed_position:  # ART's notebook: the patch's corner 5 pixels in from the bottom-right border
+        size = trigger_spec.get("size") or 8
+        trigger_spec["position"] = (train_set.image_shape[1] - size - 5, train_set.image_shape[2] - size - 5)
+    trigger = build_trigger(trigger_spec.pop("name"), train_set.image_shape, args.seed, **trigger_spec)
     patch = torch.from_numpy(patch_pixels(trigger)).permute(2, 0, 1).float().div(255).to(dev)
+    fixed = tuple(int(v) for v in trigger.positions(1)[0]) if args.fixed_position else None
+
+    def paste(x: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+        if fixed is None:
+            return random_paste(x, patch, generator)
+        return paste_patch(x, patch.to(x.device), torch.tensor([fixed]).expand(len(x), 2))
+
     rng = np.random.default_rng(args.seed)
     target_idx = np.sort(rng.choice(np.flatnonzero(train_set.labels == target), args.poisons, replace=False))
     source_idx = np.flatnonzero(train_set.labels == source)
 
     targets = to01(train_set.images[target_idx])
     test_sources = to01(test_set.images[test_set.labels == source]).to(dev)
-    heldout = random_paste(test_sources, patch, np.random.default_rng(10_000 + args.seed))
+    heldout = paste(test_sources, np.random.default_rng(10_000 + args.seed))
     print(f"{cfg.data.classes or cfg.data.name}: {args.poisons} poisons of class {train_set.class_names[target]!r}, "
           f"sources {train_set.class_names[source]!r} ({len(source_idx)} images), {args.iterations} iterations, "
-          f"eps {args.eps:.4f}, lr {args.lr}, device {dev}, {torch.get_num_threads()} threads")
+          f"eps {args.eps:.4f}, lr {args.lr}, trigger at {'a fixed position' if fixed else 'random positions'}, "
+          f"our sources drawn {args.source_draw}, device {dev}, {torch.get_num_threads()} threads")
 
     # -- this toolkit ------------------------------------------------------------------------------------------
     from cleanbackdoor.attacks.hidden_trigger import optimize_poisons
@@ -135,7 +158,8 @@ def main() -> None:
         features, targets.to(dev),
         torch.from_numpy(train_set.images[source_idx]).permute(0, 3, 1, 2).contiguous().to(dev), patch,
         eps=args.eps, iterations=args.iterations, lr=args.lr, lr_decay=args.decay, decay_every=args.decay_every,
-        stop_loss=None, seed=args.seed, log_every=args.eval_every, callback=checkpoint)
+        random_position=fixed is None, fixed_position=fixed or (0, 0), stop_loss=None,
+        source_draw=args.source_draw, seed=args.seed, log_every=args.eval_every, callback=checkpoint)
     t_ours = time.perf_counter() - t0 - paused[0]
     extractor.requires_grad_(True)  # hand ART the model as a user would: a trained network, weights trainable
 
@@ -144,7 +168,7 @@ def main() -> None:
                                    input_shape=train_set.image_shape, nb_classes=train_set.num_classes,
                                    clip_values=(0.0, 1.0), device_type="gpu" if dev.type == "cuda" else "cpu")
     art_rng = np.random.default_rng(args.seed)
-    backdoor = PoisoningAttackBackdoor(lambda x: random_paste(torch.from_numpy(x), patch, art_rng).numpy())
+    backdoor = PoisoningAttackBackdoor(lambda x: paste(torch.from_numpy(x), art_rng).numpy())
     onehot = np.eye(train_set.num_classes, dtype=np.float32)
     attack = HiddenTriggerBackdoor(classifier, target=onehot[target], source=onehot[source], feature_layer="backbone",
                                    backdoor=backdoor, eps=args.eps, learning_rate=args.lr, decay_coeff=args.decay,
@@ -167,31 +191,41 @@ def main() -> None:
     extractor.requires_grad_(False)
     rows = {}
     base_images = train_set.images
-    clean_victim = victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, cfg.seed)
-    train(clean_victim, base_images, train_set.labels, cfg.train, seed=cfg.seed, device=dev, progress=False)
-    eligible = test_set.labels == source
-    triggered = trigger(test_set.images[eligible])
-    rows["clean victim"] = {"cta": accuracy(predict(clean_victim, test_set.images), test_set.labels),
-                            "asr": attack_success_rate(predict(clean_victim, triggered), target)}
+    store = frozen_features(cfg)  # the victims train their head on the frozen extractor's cached features
+
+    def fresh_victim() -> torch.nn.Module:
+        return build_victim(cfg.model, train_set.images, train_set.num_classes, cfg.seed, cache_dir=cfg.cache_path())
+
+    def measure(victim: torch.nn.Module) -> dict:
+        return {"cta": accuracy(predict(victim, test_set.images), test_set.labels),
+                "asr": attack_success_rate(predict(victim, triggered), target),
+                "asr_without_trigger": attack_success_rate(predict(victim, untriggered), target)}
+
+    untriggered = test_set.images[test_set.labels == source]
+    triggered = trigger(untriggered)
+    clean_victim = fresh_victim()
+    train(clean_victim, base_images, train_set.labels, cfg.train, seed=cfg.seed, device=dev, progress=False,
+          feature_cache=store)
+    rows["clean victim"] = measure(clean_victim)
     rows["targets (no attack)"] = {"feature_loss": heldout_loss(features, targets.to(dev), heldout)}
     for name, poisons, seconds in (("cleanbackdoor", ours.poisons, t_ours), ("ART", art_poisons, t_art)):
         images = quantize(poisons, train_set.images[target_idx], args.eps)
         assert np.abs(images.astype(int) - train_set.images[target_idx].astype(int)).max() <= round(args.eps * 255)
         poisoned = base_images.copy()
         poisoned[target_idx] = images
-        victim = victim_from_pretrained(extractor, train_set.image_shape, train_set.num_classes, cfg.seed)
-        train(victim, poisoned, train_set.labels, cfg.train, seed=cfg.seed, device=dev, progress=False)
-        rows[name] = {"seconds": round(seconds, 2),
-                      "feature_loss": heldout_loss(features, to01(images).to(dev), heldout),
-                      "cta": accuracy(predict(victim, test_set.images), test_set.labels),
-                      "asr": attack_success_rate(predict(victim, triggered), target)}
+        victim = fresh_victim()
+        train(victim, poisoned, train_set.labels, cfg.train, seed=cfg.seed, device=dev, progress=False,
+              feature_cache=store)
+        rows[name] = {"seconds": round(seconds, 2), "seconds_per_iteration": round(seconds / args.iterations, 4),
+                      "feature_loss": heldout_loss(features, to01(images).to(dev), heldout), **measure(victim)}
     ratio = t_art / t_ours
-    print(f"{'':22s} {'seconds':>8s} {'feature loss':>13s} {'CTA':>7s} {'ASR':>7s}")
+    print(f"{'':22s} {'seconds':>8s} {'feature loss':>13s} {'CTA':>7s} {'ASR':>7s} {'noT':>7s}")
     for name, r in rows.items():
         cells = [f"{r['seconds']:8.1f}" if "seconds" in r else " " * 8,
                  f"{r['feature_loss']:13.3f}" if "feature_loss" in r else " " * 13,
                  f"{100 * r['cta']:6.1f}%" if "cta" in r else " " * 7,
-                 f"{100 * r['asr']:6.1f}%" if "asr" in r else " " * 7]
+                 f"{100 * r['asr']:6.1f}%" if "asr" in r else " " * 7,
+                 f"{100 * r['asr_without_trigger']:6.1f}%" if "asr" in r else " " * 7]
         print(f"{name:22s} " + " ".join(cells))
     print(f"same iterations: time ratio ART / cleanbackdoor {ratio:.2f}x; feature loss ours "
           f"{rows['cleanbackdoor']['feature_loss']:.3f} vs ART {rows['ART']['feature_loss']:.3f} "
