@@ -1,6 +1,7 @@
 """Hidden trigger backdoor (Saha et al., AAAI 2020): the algorithm's pieces, the poisoning contract, failure modes,
 and a small real run on CIFAR-10."""
 
+import copy
 import itertools
 
 import numpy as np
@@ -152,6 +153,24 @@ def test_sources_drawn_once_per_batch_run_the_extractor_on_them_once(data, extra
     assert torch.equal(again.poisons, once.poisons)  # deterministic under the seed
     assert not torch.equal(fresh.poisons, once.poisons)  # later iterations matched other sources
     assert (once.poisons - targets).abs().max() <= 16 / 255 + 1e-6
+
+
+def test_bfloat16_passes_stay_close_to_float32_and_give_float32_gradients(data, extractor):
+    """precision "bfloat16": the extractor's passes under bfloat16 autocast on channels-last tensors, a speed option;
+    the features stay within a few per cent of float32's and the image gradient keeps its dtype and direction."""
+    model = copy.deepcopy(extractor)
+    x = torch.from_numpy(data.images[:20]).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    f32 = feature_fn(extractor)(x)
+    (g32,) = torch.autograd.grad(f32.square().sum(), x)
+    fast = feature_fn(model, "bfloat16")
+    assert model.backbone.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+    f16 = fast(x)
+    (g16,) = torch.autograd.grad(f16.square().sum(), x)
+    assert f16.dtype == torch.float32 and g16.dtype == torch.float32 and f16.shape == f32.shape
+    assert float((f16 - f32).detach().norm() / f32.detach().norm()) < 0.03
+    assert float(torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), 0)) > 0.95
+    res = _attack(extractor, precision="bfloat16").poison(data, seed=0)
+    assert res.metadata["precision"] == "bfloat16" and res.poisoned_examples == 12
 
 
 # -- the poisoning contract ------------------------------------------------------------------------------

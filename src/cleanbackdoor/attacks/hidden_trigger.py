@@ -45,7 +45,8 @@ Deviations from the authors' code, all deliberate:
   unless ``batch_size`` is set; the authors run batches of 100 one after the other;
 - step 2a draws fresh patched sources every iteration, as the paper's algorithm reads; the authors' code (and
   ART) draw each batch's sources once and keep them: ``source_draw = "once"``, which saves the source forward
-  pass of every later iteration;
+  pass of every later iteration; ``precision = "bfloat16"`` runs the extractor's passes in bfloat16 on
+  channels-last tensors, for speed;
 - images are 0..1 floats in the model's input space (the extractor normalizes internally), so eps = 16/255 is the
   authors' eps on the pixel scale; source images come from the training set's source classes (the authors keep a
   separate poison-generation split).
@@ -85,6 +86,7 @@ from cleanbackdoor.triggers import PatchTrigger
 
 Matching = Literal["hungarian", "greedy"]
 SourceDraw = Literal["fresh", "once"]
+Precision = Literal["float32", "bfloat16"]
 
 
 class HiddenTriggerParams(AttackParams):
@@ -113,6 +115,9 @@ class HiddenTriggerParams(AttackParams):
     source_draw: SourceDraw = Field("fresh", description="fresh: new patched sources every iteration (the paper's "
                                                          "algorithm); once: drawn once per batch, as the authors' "
                                                          "code and ART do (one forward pass fewer per iteration)")
+    precision: Precision = Field("float32", description="bfloat16: the extractor's passes under bfloat16 autocast "
+                                                        "on channels-last tensors (about 1.5x faster on CPUs with AMX; "
+                                                        "features within about 0.5%)")
     log_every: int = Field(100, ge=1, description="iterations between logged (and recorded) feature losses")
 
     @field_validator("eps")
@@ -185,11 +190,23 @@ def paste_patch(images: torch.Tensor, patch: torch.Tensor, positions: torch.Tens
     return torch.where(inside, values, images)
 
 
-def feature_fn(extractor: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def feature_fn(extractor: nn.Module, precision: Precision = "float32") -> Callable[[torch.Tensor], torch.Tensor]:
     """The representation f the attack matches: ``extractor.features`` (the penultimate layer of the toolkit's
-    models) when it has one, else the module's output; flattened to (N, D)."""
+    models) when it has one, else the module's output; flattened to (N, D), float32.
+
+    ``precision = "bfloat16"``: the passes run under bfloat16 autocast on channels-last tensors (the extractor is
+    converted to channels-last in place), gradients with respect to the float32 images as before."""
     fn = extractor.features if callable(getattr(extractor, "features", None)) else extractor
-    return lambda x: fn(x).flatten(1)
+    if precision == "float32":
+        return lambda x: fn(x).flatten(1)
+    extractor.to(memory_format=torch.channels_last)
+
+    def reduced(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = fn(x.contiguous(memory_format=torch.channels_last))
+        return out.flatten(1).float()
+
+    return reduced
 
 
 def optimize_poisons(features: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
@@ -411,11 +428,11 @@ class HiddenTrigger(Attack):
         ctx.log(f"hidden trigger: {k} poisons from {len(target_pool)} target-class images, sources drawn from "
                 f"{len(source_pool)} images, eps {p.eps:.4f}, up to {p.iterations} iterations on {device}")
         result = optimize_poisons(
-            feature_fn(extractor), targets01, source_images, patch, random_position=trigger.position == "random",
-            fixed_position=fixed, eps=p.eps, iterations=p.iterations, lr=p.lr, lr_decay=p.lr_decay,
-            decay_every=p.decay_every, step=p.step, stop_loss=p.stop_loss, matching=p.matching,
-            batch_size=p.batch_size, source_draw=p.source_draw, seed=seed, log=ctx.log if ctx.progress else None,
-            log_every=p.log_every)
+            feature_fn(extractor, p.precision), targets01, source_images, patch,
+            random_position=trigger.position == "random", fixed_position=fixed, eps=p.eps, iterations=p.iterations,
+            lr=p.lr, lr_decay=p.lr_decay, decay_every=p.decay_every, step=p.step, stop_loss=p.stop_loss,
+            matching=p.matching, batch_size=p.batch_size, source_draw=p.source_draw, seed=seed,
+            log=ctx.log if ctx.progress else None, log_every=p.log_every)
         images = quantize(result.poisons, train.images[chosen], p.eps)
         diff = np.abs(images.astype(np.int16) - train.images[chosen].astype(np.int16))
         mask = np.zeros(len(train), dtype=bool)
@@ -426,7 +443,8 @@ class HiddenTrigger(Attack):
                      "final_feature_loss_max": float(result.final_loss.max()),
                      "initial_feature_loss_mean": result.history[0][1] if result.history else None,
                      "linf_grey_levels": int(diff.max()), "mean_abs_grey_levels": float(diff.mean()),
-                     "matching": p.matching, "source_draw": p.source_draw, "seconds": round(result.seconds, 3),
+                     "matching": p.matching, "source_draw": p.source_draw,
+                     "precision": p.precision, "seconds": round(result.seconds, 3),
                      "history": result.history,
                      "extractor": getattr(extractor, "source_task", {}).get("key")})
         ctx.log(f"hidden trigger: {max(result.iterations)} iterations in {result.seconds:.1f}s, feature loss "
