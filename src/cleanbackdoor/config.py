@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 from cleanbackdoor.cache import default_root
 from cleanbackdoor.errors import ConfigError
@@ -35,7 +35,9 @@ class DataConfig(BaseModel):
     name: str = "digits"
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    train_per_class: int | None = Field(None, ge=1)  # a seeded class-balanced subset, for fast runs
+    # a seeded class-balanced subset, for fast runs; or a count per class, e.g. {dog = 1900, horse = 2700}: the
+    # hidden trigger's poisons then come on top of 1,900 clean horses (the paper's composition), not out of them
+    train_per_class: PositiveInt | dict[int | str, PositiveInt] | None = None
     test_per_class: int | None = Field(None, ge=1)
     # the task's classes, by name or index, relabelled 0..k-1 in this order (None: all classes of the dataset)
     classes: list[int | str] | None = Field(None, min_length=2)

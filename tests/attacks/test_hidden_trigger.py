@@ -21,6 +21,7 @@ from cleanbackdoor.attacks.hidden_trigger import (
 from cleanbackdoor.config import load_config
 from cleanbackdoor.data import ImageSet, load_dataset, stratified_subset
 from cleanbackdoor.errors import BudgetError, ConfigError
+from cleanbackdoor.experiment import load_data
 from cleanbackdoor.metrics import attack_success_rate
 from cleanbackdoor.models import build_model
 from cleanbackdoor.pretrain import pretrained_model, select_classes, victim_from_pretrained
@@ -296,3 +297,23 @@ def test_colour_grid_patch_is_seeded_saturated_and_smooth():
     assert patch_pixels(grey).shape == (3, 3, 1)
     with pytest.raises(ConfigError, match="grid"):
         build_trigger("patch", (3, 32, 32), size=8, pattern="colors", grid=1)
+
+
+def test_poisons_added_to_the_clean_target_images_or_replacing_them():
+    """The composition: with one count for every class the poisons replace target images (1,100 clean horses and
+    800 poisons in the recipe); with more target images than the others (the paper's composition) they come on top
+    of as many clean ones as the other class has. Digits 6 vs 9 here, 20 poisons."""
+    base = ['data.classes=[6, 9]', 'attack.name="hidden_trigger"', 'attack.target=1', 'attack.sources=[0]',
+            'attack.budget=20', 'attack.iterations=2', 'attack.stop_loss=0.0',
+            'attack.trigger={name="patch", size=3, position="random", pattern="random"}']
+    torch.manual_seed(0)
+    extractor = build_model("convnet", (1, 8, 8), 2, width=8).eval()
+    for per_class, clean_nines in (("60", 40), ('{6 = 60, 9 = 80}', 60)):
+        cfg = load_config(None, [*base, f"data.train_per_class={per_class}"])
+        train = load_data(cfg).train
+        attack = build_attack("hidden_trigger", {k: v for k, v in cfg.attack.items() if k != "name"})
+        attack.extractor = extractor
+        p = attack.poison(train, seed=0)
+        nines = train.labels == 1
+        assert (train.labels == 0).sum() == 60 and p.mask.sum() == 20 and p.mask[nines].sum() == 20
+        assert (nines & ~p.mask).sum() == clean_nines

@@ -56,3 +56,18 @@ def test_multilabel_refused():
     s = ImageSet(np.zeros((3, 2, 2, 3), np.uint8), labels, ("x", "y"))
     with pytest.raises(ConfigError, match="single-label"):
         stratified_subset(s, per_class=1)
+
+
+def test_a_count_per_class(imageset):
+    """A mapping gives each class (by name or index) its own count, e.g. more target images for the hidden
+    trigger's poisons to be added to the clean ones."""
+    sub = stratified_subset(imageset, per_class={"a": 3, 1: 12, "c": 5}, seed=2)
+    assert list(sub.class_counts()) == [3, 12, 5]
+    with pytest.raises(ConfigError, match="no count for class 'c'"):
+        stratified_subset(imageset, per_class={"a": 3, "b": 3})
+    with pytest.raises(ConfigError, match=r"per_class\['c'\] must be a count in \[1, 5\]"):
+        stratified_subset(imageset, per_class={"a": 3, "b": 3, "c": 6})
+    with pytest.raises(ConfigError, match="names class 'a' twice"):
+        stratified_subset(imageset, per_class={"a": 3, 0: 3, "b": 1, "c": 1})
+    with pytest.raises(ConfigError, match="has no class 'd'"):
+        stratified_subset(imageset, per_class={"d": 1})

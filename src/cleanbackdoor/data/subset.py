@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -10,20 +10,23 @@ from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
 
 
-def stratified_subset(imageset: ImageSet, per_class: int | None = None, fraction: float | None = None,
-                      seed: int = 0) -> ImageSet:
+def stratified_subset(imageset: ImageSet, per_class: int | Mapping[int | str, int] | None = None,
+                      fraction: float | None = None, seed: int = 0) -> ImageSet:
     """A seeded subset with ``per_class`` examples of every class, or ``fraction`` of every class.
 
-    Give exactly one of ``per_class`` (a count, at most the size of the smallest class) and ``fraction``
-    (0 < fraction <= 1; each class keeps round(fraction * its size) examples, at least one). The chosen examples
-    keep their original order; the same set and seed always give the same subset. Single-label sets only.
+    Give exactly one of ``per_class`` (a count, at most the size of the smallest class; or a mapping from every
+    class, by name or index, to its own count) and ``fraction`` (0 < fraction <= 1; each class keeps
+    round(fraction * its size) examples, at least one). The chosen examples keep their original order; the same set
+    and seed always give the same subset. Single-label sets only.
     """
     if (per_class is None) == (fraction is None):
         raise ConfigError("stratified_subset needs exactly one of per_class and fraction")
     if imageset.multilabel:
         raise ConfigError(f"{imageset.name or 'image set'}: stratified_subset works on single-label sets only")
     counts = imageset.class_counts()
-    if per_class is not None:
+    if isinstance(per_class, Mapping):
+        take = _counts_per_class(imageset, per_class, counts)
+    elif per_class is not None:
         if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
             raise ConfigError(f"per_class must be a positive integer, got {per_class!r}")
         smallest = int(np.argmin(counts))
@@ -40,6 +43,23 @@ def stratified_subset(imageset: ImageSet, per_class: int | None = None, fraction
               for k, n in enumerate(take) if n > 0]
     index = np.sort(np.concatenate(chosen))
     return imageset.subset(index)
+
+
+def _counts_per_class(imageset: ImageSet, per_class: Mapping[int | str, int], counts: np.ndarray) -> np.ndarray:
+    """The count of every class from a mapping that names each class once (by name or index)."""
+    take = np.full(imageset.num_classes, -1, dtype=np.int64)
+    for key, n in per_class.items():
+        k = imageset.class_index(key)
+        if take[k] >= 0:
+            raise ConfigError(f"per_class names class {imageset.class_names[k]!r} twice")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= counts[k]:
+            raise ConfigError(f"per_class[{key!r}] must be a count in [1, {counts[k]}] (the examples of class "
+                              f"{imageset.class_names[k]!r}), got {n!r}")
+        take[k] = int(n)
+    missing = [imageset.class_names[k] for k in np.flatnonzero(take < 0)]
+    if missing:
+        raise ConfigError(f"per_class gives no count for class {missing[0]!r}; a mapping names every class")
+    return take
 
 
 def select_classes(images: ImageSet, classes: Sequence[int | str]) -> ImageSet:
