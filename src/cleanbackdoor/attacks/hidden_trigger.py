@@ -116,7 +116,7 @@ class HiddenTriggerParams(AttackParams):
                                                          "algorithm); once: drawn once per batch, as the authors' "
                                                          "code and ART do (one forward pass fewer per iteration)")
     precision: Precision = Field("float32", description="bfloat16: the extractor's passes under bfloat16 autocast "
-                                                        "on channels-last tensors (about 1.5x faster on CPUs with AMX; "
+                                                        "on channels-last tensors (1.5-1.8x faster on a CPU with AMX; "
                                                         "features within about 0.5%)")
     log_every: int = Field(100, ge=1, description="iterations between logged (and recorded) feature losses")
 
