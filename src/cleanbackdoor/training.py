@@ -99,6 +99,14 @@ PRESETS: dict[str, dict] = {
     # on biases and norm parameters, and the pretrained TResNet/ML-Decoder this lr is meant for.
     "multilabel-asl": dict(epochs=20, batch_size=64, optimizer="adam", lr=1e-4, weight_decay=1e-4,
                            momentum=0.0, schedule="onecycle", loss="asl"),
+    # Hidden trigger (Saha et al.): the victim's new last layer on the frozen extractor. The authors' (ImageNet,
+    # fc8 on AlexNet's fc7): SGD lr 0.001, momentum 0.9, batch 1,024, 10 epochs (their x0.1 every 10 epochs never
+    # applies); their dropout on the frozen fc6/fc7 is not reproduced (the features are cached). ART's notebook:
+    # lr 0.5, momentum 0.9, weight decay 2e-4, batch 128, 40 epochs, x0.1 after 10, 20 and 30.
+    "hidden-trigger-authors": dict(epochs=10, batch_size=1024, optimizer="sgd", lr=0.001, momentum=0.9,
+                                   weight_decay=0.0, schedule="constant", finetune="last"),
+    "hidden-trigger-art": dict(epochs=40, batch_size=128, optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=2e-4,
+                               schedule="multistep", milestones=[10, 20, 30], gamma=0.1, finetune="last"),
     # Fast recipes for this toolkit's small-scale runs.
     "digits": dict(epochs=30, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                    schedule="cosine"),
