@@ -289,12 +289,13 @@ def read_toml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def merge_configs(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``, table by table; a table that names another component replaces the base's."""
+    """``over`` on top of ``base``, table by table; a table that names another component (``name``) or another
+    training preset (``preset``) replaces the base's: its other keys were written for that one."""
     out = dict(base)
     for key, value in over.items():
         base_value = out.get(key)
-        same = isinstance(value, dict) and isinstance(base_value, dict) and value.get("name", base_value.get(
-            "name")) == base_value.get("name")
+        same = isinstance(value, dict) and isinstance(base_value, dict) and all(
+            value.get(k, base_value.get(k)) == base_value.get(k) for k in ("name", "preset"))
         out[key] = merge_configs(base_value, value) if same else value
     return out
 

@@ -71,7 +71,7 @@ def test_fingerprint_tells_data_apart_by_content_shape_and_dtype():
 
 def test_a_config_extends_another(tmp_path):
     """``extends``: the parent's tables merged key by key, the child's values win; a table naming another component
-    replaces the parent's; a cycle is one clear error."""
+    or another training preset replaces the parent's; a cycle is one clear error."""
     (tmp_path / "base.toml").write_text('seed = 3\n[train]\nepochs = 7\nlr = 0.2\n'
                                         '[attack]\nname = "flip"\nbudget = 10\nlabel_passes = 4\n')
     (tmp_path / "child.toml").write_text('extends = "base.toml"\n[train]\nlr = 0.1\n[attack]\nbudget = 20\n')
@@ -80,6 +80,9 @@ def test_a_config_extends_another(tmp_path):
     assert cfg.seed == 3 and (cfg.train.epochs, cfg.train.lr) == (7, 0.1)
     assert cfg.attack == {"name": "flip", "budget": 20, "label_passes": 4}
     assert load_config(tmp_path / "other.toml").attack == {"name": "badnets", "budget": 5}
+    (tmp_path / "preset.toml").write_text('extends = "child.toml"\ntrain = { preset = "digits", epochs = 9 }\n')
+    train = load_config(tmp_path / "preset.toml").train  # another preset: the parent's lr 0.1 is not kept
+    assert (train.epochs, train.lr, train.schedule) == (9, 0.05, "cosine")
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
     with pytest.raises(ConfigError, match="extends itself"):
