@@ -17,6 +17,7 @@ A problem with the user's input exits with status 2 and one line that says what 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -267,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cleanbackdoor: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cleanbackdoor describe flip | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

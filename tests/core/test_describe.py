@@ -2,6 +2,7 @@
 where the parameter is declared (issue 21)."""
 
 import functools
+import os
 
 import pytest
 
@@ -54,3 +55,17 @@ def test_an_unknown_name_is_one_line_and_exit_2(capsys):
     assert main(["describe", "flop"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "flip" in err
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """``cleanbackdoor describe flip | head -1``: once the reader has closed the pipe, the command stops quietly
+    (exit 0) instead of printing a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "cleanbackdoor", "describe", "flip"], stdout=w,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(w)
+    assert proc.returncode == 0 and proc.stderr == ""
