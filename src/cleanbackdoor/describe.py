@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
-from cleanbackdoor.attacks.base import type_name
+from cleanbackdoor.attacks import ATTACKS
+from cleanbackdoor.attacks.base import doc_summary, field_default, type_name
+from cleanbackdoor.defenses import DEFENSES
 from cleanbackdoor.errors import unknown_name
+from cleanbackdoor.models import MODELS
+from cleanbackdoor.triggers import TRIGGERS
 
 WIDTH = 118
 _NO_DEFAULT = object()
@@ -43,27 +46,15 @@ class Param:
 
 def registries() -> dict[str, dict[str, Any]]:
     """Kind -> registry (name -> class or builder), in the order :func:`describe` searches them."""
-    from cleanbackdoor.attacks import ATTACKS
-    from cleanbackdoor.defenses import DEFENSES
-    from cleanbackdoor.models import MODELS
-    from cleanbackdoor.triggers import TRIGGERS
-
     return {"attack": ATTACKS, "defense": DEFENSES, "trigger": TRIGGERS, "model": MODELS}
 
 
 def _pydantic_params(model: type[BaseModel]) -> list[Param]:
-    out = []
-    for name, info in model.model_fields.items():
-        if info.default_factory is not None:
-            default = info.default_factory()
-        else:
-            default = _NO_DEFAULT if info.default is PydanticUndefined else info.default
-        out.append(Param(name, type_name(info.annotation), default, info.description or ""))
-    return out
+    return [Param(name, type_name(info.annotation), field_default(info, _NO_DEFAULT), info.description or "")
+            for name, info in model.model_fields.items()]
 
 
 def _dataclass_params(cls: type) -> list[Param]:
-    hints = inspect.get_annotations(cls, eval_str=False)
     out = []
     for f in dataclasses.fields(cls):
         if f.name in ("image_shape", "seed"):  # given by the experiment, not by the user
@@ -74,8 +65,8 @@ def _dataclass_params(cls: type) -> list[Param]:
             default = f.default_factory()
         else:
             default = _NO_DEFAULT
-        kind = f.type if isinstance(f.type, str) else type_name(f.type)
-        out.append(Param(f.name, str(hints.get(f.name, kind)), default, f.metadata.get("description", "")))
+        kind = f.type if isinstance(f.type, str) else type_name(f.type)  # a string under postponed annotations
+        out.append(Param(f.name, kind, default, f.metadata.get("description", "")))
     return out
 
 
@@ -124,13 +115,10 @@ def find(name: str) -> tuple[str, Any]:
 
 
 def summary(component: Any) -> str:
-    """A component's docstring (its first paragraph; it names the paper), else its module's first paragraph."""
+    """A component's own docstring's first paragraph (it names the paper), else its module's."""
     target, _ = _builder_target(component)
-    doc = inspect.getdoc(target) if isinstance(target, type) else None
-    if doc and isinstance(target, type) and target.__doc__ is not None and "__doc__" in vars(target):
-        first = doc.split("\n\n")[0]
-    else:
-        first = (sys.modules[target.__module__].__doc__ or "").strip().split("\n\n")[0]
+    own = vars(target).get("__doc__") if isinstance(target, type) else None
+    first = inspect.cleandoc(own).split("\n\n")[0] if own else doc_summary(sys.modules[target.__module__].__doc__)
     return " ".join(first.split())
 
 

@@ -229,7 +229,7 @@ class Configured:
         super().__init_subclass__(**kwargs)
         if "Params" in cls.__dict__ or "name" in cls.__dict__:
             cls.__signature__ = params_signature(cls.Params)
-            own = cls.__dict__.get("__doc__") or _summary(sys.modules[cls.__module__].__doc__)
+            own = cls.__dict__.get("__doc__") or doc_summary(sys.modules[cls.__module__].__doc__)
             cls.__doc__ = own.rstrip() + "\n\n" + params_doc(cls.Params)
 
     def __init__(self, params: BaseModel | dict | None = None, **kwargs: Any) -> None:
@@ -247,21 +247,22 @@ class Configured:
         """Checks across parameters that pydantic's field constraints cannot express."""
 
 
-def _summary(doc: str | None) -> str:
+def doc_summary(doc: str | None) -> str:
     """A module docstring's first paragraph (a class without its own docstring takes it: it names the paper)."""
     return (doc or "").strip().split("\n\n")[0]
 
 
-def _default(info: Any) -> Any:
+def field_default(info: Any, missing: Any = None) -> Any:
+    """A pydantic field's default (its factory called), or ``missing`` for a required field."""
     if info.default_factory is not None:
         return info.default_factory()
-    return None if info.default is PydanticUndefined else info.default
+    return missing if info.default is PydanticUndefined else info.default
 
 
 def params_signature(params: type[BaseModel]) -> inspect.Signature:
     """The constructor's signature as help() and IDEs show it: ``params`` (a dict or the Params model), then every
     parameter as a keyword with its type and default."""
-    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_default(info),
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field_default(info),
                                   annotation=info.annotation)
                 for name, info in params.model_fields.items()]
     first = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
@@ -290,7 +291,7 @@ def params_doc(params: type[BaseModel]) -> str:
     lines = [f"Parameters ({params.__name__}, keywords or a dict; unknown keys are errors):"]
     for name, info in params.model_fields.items():
         kind = type_name(info.annotation)
-        lines.append(f"    {name} ({kind}, default {_default(info)!r}): {info.description or ''}".rstrip(": "))
+        lines.append(f"    {name} ({kind}, default {field_default(info)!r}): {info.description or ''}".rstrip(": "))
     return "\n".join(lines)
 
 
