@@ -51,7 +51,6 @@ from cleanbackdoor.experiment import frozen_features, load_data
 from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.pretrain import build_victim
 from cleanbackdoor.training import predict, resolve_device, train
-from cleanbackdoor.triggers import build_trigger
 
 
 def heldout_loss(features, poisons: torch.Tensor, patched: torch.Tensor) -> float:
@@ -121,11 +120,11 @@ def main() -> None:
     extractor = build_victim(cfg.model, train_set.images, train_set.num_classes, cfg.seed,
                              cache_dir=cfg.cache_path()).to(dev).eval()
     features = feature_fn(extractor)
-    trigger_spec = dict(spec.params.trigger.model_dump())
+    trigger = spec.params.trigger.build(train_set.image_shape, args.seed)
     if args.fixed_position:  # ART's notebook: the patch's corner 5 pixels in from the bottom-right border
-        size = trigger_spec.get("size") or 8
-        trigger_spec["position"] = (train_set.image_shape[1] - size - 5, train_set.image_shape[2] - size - 5)
-    trigger = build_trigger(trigger_spec.pop("name"), train_set.image_shape, args.seed, **trigger_spec)
+        _, h, w = train_set.image_shape
+        at = [h - trigger.size - 5, w - trigger.size - 5]
+        trigger = spec.params.trigger.model_copy(update={"position": at}).build(train_set.image_shape, args.seed)
     patch = torch.from_numpy(patch_pixels(trigger)).permute(2, 0, 1).float().div(255).to(dev)
     fixed = tuple(int(v) for v in trigger.positions(1)[0]) if args.fixed_position else None
 
