@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.cache import AUDIT
+from cleanbackdoor.cache import AUDIT, save_atomic
 from cleanbackdoor.config import fingerprint, load_config, parse_value, stable_key
 from cleanbackdoor.data import DATASETS, ImageSet, load_dataset, load_folder_splits, load_image_folder
 from cleanbackdoor.data.archive import is_archive
@@ -54,7 +54,6 @@ from cleanbackdoor.defenses.internal import (
 )
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.pretrain import build_victim, model_key
-from cleanbackdoor.training import save_atomic
 
 DEFAULT_DETECTORS = ("spectral", "activation_clustering", "confident_learning")
 

@@ -18,16 +18,26 @@ audit           ``audit/``                            the models ``cleanbackdoor
 ==============  ====================================  ==============================================================
 
 Anything else under the cache folder is listed as ``other`` and never removed.
+
+Several processes may share one cache (two runs on one machine, the Ray workers of a cluster on a shared
+filesystem). Every file is written atomically (:func:`save_atomic`), and every expensive entry is computed once
+(:func:`compute_once`): the first process to need it computes it under the entry's lock (``NAME.lock`` beside it)
+while the others wait, then load it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import torch
 
 from cleanbackdoor.errors import ConfigError
 
@@ -37,6 +47,48 @@ KINDS = ("datasets", "pretrained", "clean", "checkpoints", "features", "flip", "
 DATASETS, MODELS, FEATURES, FLIP, DEFENSES, AUDIT = "datasets", "models", "features", "flip", "defenses", "audit"
 _FOLDERS = (DATASETS, FEATURES, FLIP, DEFENSES, AUDIT)
 _MODEL_KINDS = ("pretrained", "clean")
+
+
+T = TypeVar("T")
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file of this process, then rename: a kill never leaves a half-written file at
+    ``path``, and two processes writing the same entry never write into one file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+@contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the cache entry ``path`` (the file ``path.lock``, kept: removing a lock file another
+    process waits on would break the lock). Released when the block ends or the process dies."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def compute_once(path: Path | None, compute: Callable[[], T], load: Callable[[Path], T],
+                 save: Callable[[T, Path], None]) -> tuple[T, bool]:
+    """``(value, loaded)``: the entry at ``path`` loaded when it exists, else computed, saved and returned. Between
+    processes sharing the cache, under the entry's lock: one computes, the others wait and load its result.
+    ``path`` None: computed without a cache. ``save`` must write atomically (:func:`save_atomic`)."""
+    if path is None:
+        return compute(), False
+    if path.exists():
+        return load(path), True
+    with entry_lock(path):
+        if path.exists():  # computed by another process while this one waited
+            return load(path), True
+        value = compute()
+        save(value, path)
+        return value, False
 
 
 def default_root() -> Path:

@@ -5,6 +5,7 @@
         without CONFIG.toml: the attack's recipe for the dataset (FLIP on digits by default)
     cleanbackdoor sweep [CONFIG.toml] --budgets 150,300,500 [...]   budget sweep with baselines and plots
     cleanbackdoor reproduce [--scale small|cpu|paper] [--root DATASET=PATH ...] [--out DIR]   the four papers
+        run, sweep, reproduce and defense-table take --executor ray [--address ADDR]: independent runs as Ray tasks
     cleanbackdoor describe NAME   an attack's (defense's, trigger's, model's) parameters, paper and recipes
     cleanbackdoor defense-table CONFIG... --out DIR [--root PATH] [--set key=value ...]   attacks x defenses
     cleanbackdoor audit DATASET [--root PATH] [--labels FILE] [--out DIR]   scan received labels for poisoning
@@ -41,6 +42,27 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.epochs=5 --set attack.budget=300")
 
 
+def _scale_out(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("running on several workers (docs/scale.md)")
+    g.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                   help=f"serial: {what} one after another in this process (default); ray: each a Ray task "
+                        "(pip install 'cleanbackdoor[ray]')")
+    g.add_argument("--address", help="the Ray cluster to join (ray start --head prints it; auto: the one this "
+                                     "machine belongs to); default: a local cluster on this machine's CPUs")
+    g.add_argument("--cpus-per-run", type=float, help="CPUs each Ray task asks for (default 1)")
+    g.add_argument("--gpus-per-run", type=float, help="GPUs each Ray task asks for (default 0; e.g. 0.25 puts four "
+                                                      "runs on one GPU)")
+    g.add_argument("--threads", type=int, help="PyTorch threads per run (Ray's default: --cpus-per-run); the "
+                                               "serial and Ray runs are bit-identical on CPU with the same threads")
+
+
+def _executor(args: argparse.Namespace):
+    from cleanbackdoor.executor import make_executor
+
+    return make_executor(args.executor, address=args.address, cpus=args.cpus_per_run, gpus=args.gpus_per_run,
+                         threads=args.threads)
+
+
 def _load(args: argparse.Namespace):
     from cleanbackdoor.config import load_config
 
@@ -59,7 +81,9 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from cleanbackdoor.experiment import run_experiment
 
-    run_experiment(_load(args))
+    cfg = _load(args)
+    executor = _executor(args)  # serial: FLIP's experts one after another, as without an executor
+    run_experiment(cfg, executor=executor if args.executor == "ray" else None)
     return 0
 
 
@@ -69,7 +93,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     budgets = [_budget(b) for b in args.budgets.split(",") if b.strip()]
     baselines = () if args.no_baseline else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     seeds = _seeds(args.seeds) if args.seeds else None
-    run_sweep(_load(args), budgets, baselines=baselines, seeds=seeds)
+    cfg = _load(args)
+    run_sweep(cfg, budgets, baselines=baselines, seeds=seeds, executor=_executor(args))
     return 0
 
 
@@ -120,7 +145,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--root takes DATASET=PATH, e.g. cifar10=../shared/data/cifar10-jpg.tar.gz; "
                               f"got {item!r}")
         roots[name.strip()] = path.strip()
-    run_reproduce(args.scale, args.out, roots, seed=args.seed, device=args.device, progress=not args.quiet)
+    run_reproduce(args.scale, args.out, roots, seed=args.seed, device=args.device, progress=not args.quiet,
+                  executor=_executor(args))
     return 0
 
 
@@ -140,7 +166,8 @@ def cmd_defense_table(args: argparse.Namespace) -> int:
     if args.quiet:
         fields["progress"] = False
     command = "cleanbackdoor " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["defense-table"] else None
-    run_table(args.configs, Path(args.out), overrides=args.overrides, fields=fields, command=command)
+    run_table(args.configs, Path(args.out), overrides=args.overrides, fields=fields, command=command,
+              executor=_executor(args))
     return 0
 
 
@@ -186,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment: attack, victim training, evaluation")
     _common(run)
+    _scale_out(run, "FLIP's experts and label runs")
     run.set_defaults(func=cmd_run)
     sweep = sub.add_parser("sweep", help="run an attack over several budgets, with label-only baselines")
     _common(sweep)
@@ -196,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", help="comma-separated seeds: every point runs once per seed; the table and plots "
                                        "show the mean and the standard deviation")
     sweep.add_argument("--no-baseline", action="store_true", help="skip the baselines")
+    _scale_out(sweep, "the points (budget x method x seed)")
     sweep.set_defaults(func=cmd_sweep)
     rep = sub.add_parser("reproduce", help="the four papers' attacks and BadNets at one scale: one table (paper / "
                          "this toolkit / clean model / ASR without the trigger) and one figure")
@@ -208,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--device", default="auto")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    _scale_out(rep, "the rows")
     rep.set_defaults(func=cmd_reproduce)
     desc = sub.add_parser("describe", help="an attack, defense, trigger or model: its parameters (type, default, "
                           "description), its paper and its recipes")
@@ -223,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--quiet", action="store_true")
     table.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value in every row's config")
+    _scale_out(table, "the rows")
     table.set_defaults(func=cmd_defense_table)
     audit = sub.add_parser("audit", help="scan a labelled dataset for poisoned labels: report with thumbnails")
     audit.add_argument("dataset", help="a catalog name (digits, mnist, cifar10 ...) or an image folder tree")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
-from cleanbackdoor.cache import FEATURES, model_file
+from cleanbackdoor.cache import FEATURES, compute_once, model_file, save_atomic
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, fingerprint, stable_key
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
 from cleanbackdoor.errors import ConfigError
@@ -31,7 +31,7 @@ from cleanbackdoor.multilabel_metrics import (BackdoorSpec, fit_rate, multilabel
                                               trigger_recognition)
 from cleanbackdoor.data.subset import select_classes
 from cleanbackdoor.pretrain import build_victim, model_key, pretrained_model
-from cleanbackdoor.training import predict, resolve_device, save_atomic, train
+from cleanbackdoor.training import predict, resolve_device, train
 
 
 class Logger:
@@ -102,16 +102,26 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
                      cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
     path = model_file(cfg.cache_path(), "clean", key)
     model = new_model(cfg, train_set, cfg.seed)
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        model.to(resolve_device(cfg.device)).eval()
+
+    def fit() -> nn.Module:
+        train(model, train_set.images, train_set.labels, cfg.train, seed=cfg.seed, device=cfg.device,
+              progress=cfg.progress, desc="clean model", feature_cache=feature_cache(cfg))
+        return model
+
+    def load(p: Path) -> nn.Module:
+        model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+        return model.to(resolve_device(cfg.device)).eval()
+
+    model, loaded = compute_once(path, fit, load, save_weights)
+    if loaded:
         log(f"clean model: loaded from cache {path}")
-        return model, True
-    train(model, train_set.images, train_set.labels, cfg.train, seed=cfg.seed, device=cfg.device,
-          progress=cfg.progress, desc="clean model", feature_cache=feature_cache(cfg))
+    return model, loaded
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """A model's weights, on the CPU, written atomically into the cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, path)
-    return model, False
 
 
 def multilabel_model_scores(cfg: ExperimentConfig, model: nn.Module, images: np.ndarray,
@@ -199,7 +209,27 @@ def _publish(work: Path, final: Path) -> None:
     work.rename(final)
 
 
-def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult:
+def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The metrics of a completed run of exactly this config in its output folder (its ``config.toml`` equal to
+    this config's), else None: what an interrupted sweep or ``reproduce`` reads back instead of running again."""
+    final = cfg.output_dir()
+    done, written = final / "metrics.json", final / "config.toml"
+    if done.is_file() and written.is_file() and written.read_text() == dump_toml(config_to_dict(cfg)):
+        return json.loads(done.read_text())
+    return None
+
+
+def experiment_metrics(cfg: ExperimentConfig, executor: Any = None) -> dict[str, Any]:
+    """The metrics of one run, quietly: read back when finished (:func:`finished_metrics`), else run. A job of
+    the sweeps, tables and ``reproduce`` (the worker returns only the metrics)."""
+    done = finished_metrics(cfg)
+    return done if done is not None else run_experiment(cfg, echo=False, executor=executor).metrics
+
+
+def run_experiment(cfg: ExperimentConfig, echo: bool = True, executor: Any = None) -> ExperimentResult:
+    """One run: data, attack, victim, evaluation, clean model, controls, defenses and plots; ``metrics.json`` and
+    the rest in the config's output folder. ``executor`` runs the attack's independent jobs (FLIP's experts and
+    label runs; :mod:`cleanbackdoor.executor`), by default one after another."""
     # everything that can be checked without data is checked before anything is written
     attack = build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
     final = cfg.output_dir()
@@ -231,7 +261,7 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True) -> ExperimentResult
 
     context = AttackContext(cache_dir=cfg.cache_path(), device=cfg.device, progress=cfg.progress, log=log,
                             model=cfg.model, train=cfg.train, victim=lambda s: new_model(cfg, train_set, s),
-                            heldout=test_set, features_dir=feature_cache(cfg))
+                            heldout=test_set, features_dir=feature_cache(cfg), executor=executor)
     with timer.stage("attack"):
         poisoning = attack.poison(train_set, seed=cfg.seed, context=context)
     poisoning.save(out)

@@ -34,6 +34,7 @@ them (a linear head on globally pooled features), so one cached extractor serves
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,14 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.cache import model_file, seeded
+from cleanbackdoor.cache import compute_once, entry_lock, model_file, save_atomic, seeded
 from cleanbackdoor.config import ModelConfig, PretrainConfig, stable_key
 from cleanbackdoor.data import ImageSet, load_dataset, select_classes, source_fingerprint, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy
 from cleanbackdoor.models import Classifier, build_model, make_head
-from cleanbackdoor.training import predict, resolve_device, save_atomic, train
+from cleanbackdoor.training import predict, resolve_device, train
 
 
 def source_task(spec: PretrainConfig) -> tuple[ImageSet, ImageSet]:
@@ -109,42 +110,46 @@ def pretrained_model(model_cfg: ModelConfig, *, cache_dir: str | Path | None, de
     key = pretrain_key(model_cfg)
     path = model_file(cache_dir, "pretrained", key) if cache_dir is not None else None
     dev = resolve_device(device)
-    if path is not None and not path.exists() and (seed := seeded(path)) is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)  # an extractor kept in artifacts/: the cache takes a copy
-        tmp = path.with_suffix(".tmp")
-        shutil.copyfile(seed, tmp)
-        tmp.replace(path)
-        log(f"pretrained extractor: copied from {seed} into the cache")
-    if path is not None and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = _build(model_cfg, state)
-        model.load_state_dict(state["weights"])
-        model.source_task = _info(state, key)
+    if path is not None and not path.exists():
+        with entry_lock(path):  # an extractor kept in artifacts/: the cache takes a copy
+            if not path.exists() and (seed := seeded(path)) is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(seed, tmp := path.with_name(f"{path.name}.{os.getpid()}.tmp"))
+                tmp.replace(path)
+                log(f"pretrained extractor: copied from {seed} into the cache")
+
+    def fit() -> dict[str, Any]:
+        train_set, test_set = source_task(spec)
+        mean, std = channel_stats(train_set.images)
+        log(f"pretrained extractor: training {model_cfg.name} on {len(train_set)} images of the source task "
+            f"({', '.join(train_set.class_names)}), {spec.train.epochs} epochs")
+        state: dict[str, Any] = {"class_names": list(train_set.class_names), "mean": list(mean), "std": list(std),
+                                 "image_shape": list(train_set.image_shape), "model": model_cfg.name,
+                                 "options": backbone_options(model_cfg)}
+        model = _build(model_cfg, state, seed=spec.seed)
+        checkpoint = path.with_suffix(".ckpt") if path is not None else None
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        history = train(model, train_set.images, train_set.labels, spec.train, seed=spec.seed, device=dev,
+                        progress=progress, desc="pretraining", checkpoint=checkpoint, checkpoint_key=key)
+        state["source_test_accuracy"] = accuracy(predict(model, test_set.images), test_set.labels)
+        state["train_loss"] = history.loss
+        state["weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        log(f"pretrained extractor: source-task test accuracy {state['source_test_accuracy']:.3f}")
+        return state
+
+    def save(state: dict[str, Any], p: Path) -> None:
+        save_atomic(state, p)
+        p.with_suffix(".ckpt").unlink(missing_ok=True)
+
+    state, loaded = compute_once(path, fit, lambda p: torch.load(p, map_location="cpu", weights_only=True), save)
+    model = _build(model_cfg, state)
+    model.load_state_dict(state["weights"])
+    model.source_task = _info(state, key)
+    if loaded:
         log(f"pretrained extractor: loaded from cache {path} (source task: {len(state['class_names'])} classes, "
             f"test accuracy {state['source_test_accuracy']:.3f})")
-        return model.to(dev).eval()
-    train_set, test_set = source_task(spec)
-    mean, std = channel_stats(train_set.images)
-    log(f"pretrained extractor: training {model_cfg.name} on {len(train_set)} images of the source task "
-        f"({', '.join(train_set.class_names)}), {spec.train.epochs} epochs")
-    state: dict[str, Any] = {"class_names": list(train_set.class_names), "mean": list(mean), "std": list(std),
-                             "image_shape": list(train_set.image_shape), "model": model_cfg.name,
-                             "options": backbone_options(model_cfg)}
-    model = _build(model_cfg, state, seed=spec.seed)
-    checkpoint = path.with_suffix(".ckpt") if path is not None else None
-    if checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    history = train(model, train_set.images, train_set.labels, spec.train, seed=spec.seed, device=dev,
-                    progress=progress, desc="pretraining", checkpoint=checkpoint, checkpoint_key=key)
-    state["source_test_accuracy"] = accuracy(predict(model, test_set.images), test_set.labels)
-    state["train_loss"] = history.loss
-    log(f"pretrained extractor: source-task test accuracy {state['source_test_accuracy']:.3f}")
-    if path is not None:
-        state["weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_atomic(state, path)
-        checkpoint.unlink(missing_ok=True)
-    model.source_task = _info(state, key)
-    return model.eval()
+    return model.to(dev).eval()
 
 
 def _info(state: dict[str, Any], key: str) -> dict[str, Any]:

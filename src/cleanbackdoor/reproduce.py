@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cleanbackdoor.config import merge_configs, config_to_dict, dump_toml, validate_config
+from cleanbackdoor.config import merge_configs, validate_config
 from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.executor import Executor, Job, Serial
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,12 @@ def command(row: Row, root: str | None) -> str:
 
 
 def run_reproduce(scale: str, out: str | Path | None = None, roots: dict[str, str] | None = None, seed: int = 0,
-                  device: str = "auto", progress: bool = True,
-                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                  device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
+                  executor: Executor | None = None) -> list[dict[str, Any]]:
     """Run (or read back) every row of ``scale``; write ``reproduce.md``, ``reproduce.json`` and
-    ``reproduce.png`` to ``out``; return the rows."""
-    from cleanbackdoor.experiment import run_experiment  # noqa: PLC0415 - torch only when running
+    ``reproduce.png`` to ``out``; return the rows. ``executor``: how the rows run (:mod:`cleanbackdoor.executor`;
+    default one after another)."""
+    from cleanbackdoor.experiment import experiment_metrics, finished_metrics  # noqa: PLC0415 - torch when running
 
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
@@ -124,16 +126,12 @@ def run_reproduce(scale: str, out: str | Path | None = None, roots: dict[str, st
             raise ConfigError(f"reproduce --scale {scale}: {row.attack} runs on {cfg.data.name}; give its location "
                               f"with --root {cfg.data.name.removesuffix('-mosaic')}=PATH")
         configs.append((row, cfg))
-    rows = []
     for row, cfg in configs:
-        final = cfg.output_dir()
-        done = final / "metrics.json"
-        if done.exists() and (final / "config.toml").read_text() == dump_toml(config_to_dict(cfg)):
-            log(f"reproduce: {row.attack} ({row.recipe}): read back from {final}")
-            metrics = json.loads(done.read_text())
-        else:
-            log(f"reproduce: {row.attack} ({row.recipe}): running")
-            metrics = run_experiment(cfg, echo=False).metrics
+        state = "read back from " + str(cfg.output_dir()) if finished_metrics(cfg) is not None else "to run"
+        log(f"reproduce: {row.attack} ({row.recipe}): {state}")
+    jobs = [Job(f"{row.attack} ({row.recipe})", experiment_metrics, (cfg,)) for row, cfg in configs]
+    rows = []
+    for (row, cfg), metrics in zip(configs, (executor or Serial()).map(jobs, "reproduce")):
         rows.append(summarize(row, metrics, command(row, cfg.data.root)))
         log(f"reproduce: {row.attack}: ASR {_pct(rows[-1]['asr'])} (clean model {_pct(rows[-1]['clean_asr'])}, "
             f"without the trigger {_pct(rows[-1]['asr_without_trigger'])})")

@@ -24,7 +24,8 @@ import numpy as np
 
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.experiment import run_experiment
+from cleanbackdoor.executor import Executor, Job, Serial
+from cleanbackdoor.experiment import experiment_metrics
 from cleanbackdoor.report import percent, plot_budget_curves, plot_tradeoff, sweep_table
 
 BASELINES = ("random_flip", "inner_product", "badnets")
@@ -34,9 +35,11 @@ FIGURES = ("clean_accuracy", "attack_success_rate", "asr_without_trigger", "pois
 
 
 def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: tuple[str, ...] = ("random_flip",),
-              seeds: list[int] | None = None) -> list[dict[str, Any]]:
+              seeds: list[int] | None = None, executor: Executor | None = None) -> list[dict[str, Any]]:
     """Run the sweep; returns one row per method and budget (with several seeds: the mean over them, and the
-    standard deviation of each figure as ``<figure>_std``)."""
+    standard deviation of each figure as ``<figure>_std``). ``executor``: how the points run
+    (:mod:`cleanbackdoor.executor`; default one after another in this process, Ray tasks with ``RayExecutor``).
+    Points finished by an earlier, interrupted sweep with the same settings are read back."""
     for name in baselines:
         if name not in BASELINES:
             raise ConfigError(f"unknown sweep baseline {name!r}; choose from {', '.join(BASELINES)}")
@@ -52,22 +55,26 @@ def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: tupl
         base.update({k: v for k, v in cfg.attack.items() if k in _SHARED_KEYS})
         methods.append((name, base))
     control = cfg.dirty_label_control and "badnets" not in baselines
-    points, cleans = [], {}
+    plan = []
     for seed in seeds:
         for budget in budgets:
             for method, attack in methods:
                 name = f"{method}-{budget}" + (f"-seed{seed}" if len(seeds) > 1 else "")
                 point = cfg.model_copy(update={"attack": {**attack, "budget": budget}, "seed": seed,
                                                "out": str(out / name), "dirty_label_control": control})
-                m = run_experiment(point, echo=False).metrics
-                row = {"method": method, "budget": m["budget"], "seed": seed,
-                       "poisoned_examples": m["poisoned_examples"], **{k: m.get(k) for k in FIGURES}}
-                if m.get("dirty_label_control"):
-                    row["dirty_label_asr"] = m["dirty_label_control"]["attack_success_rate"]
-                points.append(row)
-                cleans[seed] = m.get("clean_model") or cleans.get(seed)
-                print(f"{method} at budget {budget}, seed {seed}: CTA {percent(m['clean_accuracy'])}, "
-                      f"ASR {percent(m['attack_success_rate'])}", flush=True)
+                plan.append((method, budget, seed, point))
+    jobs = [Job(f"{method} at budget {budget}, seed {seed}", experiment_metrics, (point,))
+            for method, budget, seed, point in plan]
+    points, cleans = [], {}
+    for (method, budget, seed, _), m in zip(plan, (executor or Serial()).map(jobs, "sweep")):
+        row = {"method": method, "budget": m["budget"], "seed": seed,
+               "poisoned_examples": m["poisoned_examples"], **{k: m.get(k) for k in FIGURES}}
+        if m.get("dirty_label_control"):
+            row["dirty_label_asr"] = m["dirty_label_control"]["attack_success_rate"]
+        points.append(row)
+        cleans[seed] = m.get("clean_model") or cleans.get(seed)
+        print(f"{method} at budget {budget}, seed {seed}: CTA {percent(m['clean_accuracy'])}, "
+              f"ASR {percent(m['attack_success_rate'])}", flush=True)
     rows = summarize(points) if len(seeds) > 1 else points
     clean = _mean_clean([c for c in cleans.values() if c])
     summary = {"attack": cfg.attack_name, "dataset": cfg.data.name, "model": cfg.model.name, "seeds": seeds,

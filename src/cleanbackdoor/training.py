@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 from torch import nn
 from tqdm.auto import tqdm
 
+from cleanbackdoor.cache import save_atomic
 from cleanbackdoor.data.transforms import Augment, to_nchw, to_tensor
 from cleanbackdoor.errors import ConfigError, unknown_name
 
@@ -222,13 +223,6 @@ def targets_tensor(targets: np.ndarray | torch.Tensor) -> torch.Tensor:
     if t.ndim == 1:
         return t.long()
     return t.float()
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written file at ``path``."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 # -- training loop -------------------------------------------------------------------------------------------

@@ -214,6 +214,7 @@ class AttackContext:
     victim: Callable[[int], Any] | None = None  # seed -> a fresh victim network (nn.Module)
     heldout: ImageSet | None = None  # for diagnostics only
     features_dir: Path | None = None  # where frozen extractors' features are cached (FrozenFeatures)
+    executor: Any = None  # runs the attack's independent jobs (cleanbackdoor.executor; None: one after another)
 
 
 class Configured:

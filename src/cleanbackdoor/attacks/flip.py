@@ -91,15 +91,16 @@ from tqdm.auto import tqdm
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
                                         format_validation_error, resolve_budget)
-from cleanbackdoor.cache import FLIP
+from cleanbackdoor.cache import FLIP, compute_once, save_atomic
 from cleanbackdoor.config import fingerprint, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.executor import Job, Serial
 from cleanbackdoor.metrics import accuracy, asr_eligible, attack_success_rate
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, predict, resolve_device, save_atomic,
-                                    train, trainable_parameters)
+from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, predict, resolve_device, train,
+                                    trainable_parameters)
 from cleanbackdoor.triggers import Trigger
 
 
@@ -686,36 +687,41 @@ class Flip(Attack):
         base_key = [fingerprint(train.images, train.labels), trigger.params(), target, list(sources or []), model_key,
                     recipe.model_dump(mode="json"), *([p.expert_schedule] if p.expert_schedule != "recipe" else [])]
         cache = Path(ctx.cache_dir) / FLIP if ctx.cache_dir else None
+        executor = ctx.executor or Serial(echo=False)
 
-        # stage 1: experts (cached per expert)
-        trajectories, curves = [], []
-        for e in range(p.n_experts):
+        # stage 1: experts (cached per expert; independent jobs: Ray tasks under `--executor ray`)
+        def expert(e: int) -> tuple[dict[str, Any], bool]:
             key = stable_key("flip-expert", base_key, p.expert_epochs, p.checkpoint_every, seed, e)
             path = cache / f"expert-{key}.pt" if cache else None
-            if path is not None and path.exists():
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                trajectories.append(Trajectory.from_state(saved))
-                curves.append([dict(c) for c in saved.get("curve", [])] if saved.get("heldout") == heldout_key
-                              else [])
-                log(f"flip: expert {e + 1}/{p.n_experts} loaded from cache")
-                continue
             work = cache / f"expert-{key}.work" if cache else None
-            if work is not None:
-                work.mkdir(parents=True, exist_ok=True)
-            model = fresh_model(seed * 1000 + e)
-            if head_only:
-                _check_same_extractor(model, extractor)
-            traj, curve = train_expert(
-                model, None if head_only else ext_images, ext_labels, recipe, expert_epochs=p.expert_epochs,
-                checkpoint_every=p.checkpoint_every, seed=seed * 1000 + e, device=device,
-                schedule=p.expert_schedule, features=features.expert if head_only else None, evaluate=evaluate,
-                work_dir=work, progress=ctx.progress, desc=f"expert {e + 1}/{p.n_experts}")
-            if path is not None:
-                save_atomic({**traj.state(), "curve": curve, "heldout": heldout_key}, path)
+
+            def fit() -> dict[str, Any]:
+                if work is not None:
+                    work.mkdir(parents=True, exist_ok=True)
+                model = fresh_model(seed * 1000 + e)
+                if head_only:
+                    _check_same_extractor(model, extractor)
+                traj, curve = train_expert(
+                    model, None if head_only else ext_images, ext_labels, recipe, expert_epochs=p.expert_epochs,
+                    checkpoint_every=p.checkpoint_every, seed=seed * 1000 + e, device=device,
+                    schedule=p.expert_schedule, features=features.expert if head_only else None, evaluate=evaluate,
+                    work_dir=work, progress=ctx.progress, desc=f"expert {e + 1}/{p.n_experts}")
+                return {**traj.state(), "curve": curve, "heldout": heldout_key}
+
+            def save(state: dict[str, Any], path: Path) -> None:
+                save_atomic(state, path)
                 shutil.rmtree(work, ignore_errors=True)
-            log(f"flip: expert {e + 1}/{p.n_experts} trained, {len(traj)} checkpoints")
-            trajectories.append(traj)
-            curves.append(curve)
+
+            return compute_once(path, fit, lambda path: torch.load(path, map_location="cpu", weights_only=True),
+                                save)
+
+        trajectories, curves = [], []
+        jobs = [Job(f"flip expert {e + 1}", expert, (e,)) for e in range(p.n_experts)]
+        for e, (state, loaded) in enumerate(executor.map(jobs, "flip experts")):
+            trajectories.append(Trajectory.from_state(state))
+            curves.append([dict(c) for c in state.get("curve", [])] if state.get("heldout") == heldout_key else [])
+            log(f"flip: expert {e + 1}/{p.n_experts} " + ("loaded from cache" if loaded else
+                                                          f"trained, {len(trajectories[-1])} checkpoints"))
         for e, curve in enumerate(curves):
             if curve:  # does the trajectory carry the trigger? (the authors print this every epoch)
                 first, last = curve[0], curve[-1]
@@ -734,31 +740,38 @@ class Flip(Attack):
             data = LabelData.build(train.images, train.labels, ext_images, ext_labels, origin, device)
         batch = len(ext_labels) if p.label_batch == "all" else (p.label_batch or recipe.batch_size)
         chunk = p.label_chunk if batch > p.label_chunk and not head_only else None  # features: one piece
-        runs, losses = [], []
-        for r in range(p.label_runs):
+
+        def label_run(r: int) -> tuple[dict[str, torch.Tensor], bool]:
             key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
                              p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1,
                              *([chunk] if chunk else []))
             path = cache / f"labels-{key}.pt" if cache else None
-            if path is not None and path.exists():
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                runs.append(saved["logits"])
-                losses.append(saved["losses"].tolist())
-                log(f"flip: label run {r + 1}/{p.label_runs} loaded from cache")
-                continue
             work = cache / f"labels-{key}.work" if cache else None
-            if work is not None:
-                work.mkdir(parents=True, exist_ok=True)
-            logits, run_losses = optimize_labels(
-                fs, trajectories, data, train.num_classes, recipe.augment, passes=p.label_passes,
-                batch_size=batch, lr=p.label_lr, momentum=p.label_momentum, init_scale=p.init_scale, l1=p.l1,
-                seed=seed * 1000 + 500 + r, method=p.method, chunk=chunk, work_dir=work, progress=ctx.progress,
-                desc=f"label run {r + 1}/{p.label_runs}", log=log)
-            if path is not None:
-                save_atomic({"logits": logits, "losses": torch.tensor(run_losses)}, path)
+
+            def fit() -> dict[str, torch.Tensor]:
+                if work is not None:
+                    work.mkdir(parents=True, exist_ok=True)
+                logits, run_losses = optimize_labels(
+                    fs, trajectories, data, train.num_classes, recipe.augment, passes=p.label_passes,
+                    batch_size=batch, lr=p.label_lr, momentum=p.label_momentum, init_scale=p.init_scale, l1=p.l1,
+                    seed=seed * 1000 + 500 + r, method=p.method, chunk=chunk, work_dir=work, progress=ctx.progress,
+                    desc=f"label run {r + 1}/{p.label_runs}", log=log)
+                return {"logits": logits, "losses": torch.tensor(run_losses)}
+
+            def save(state: dict[str, torch.Tensor], path: Path) -> None:
+                save_atomic(state, path)
                 shutil.rmtree(work, ignore_errors=True)
-            runs.append(logits)
-            losses.append(run_losses)
+
+            return compute_once(path, fit, lambda path: torch.load(path, map_location="cpu", weights_only=True),
+                                save)
+
+        runs, losses = [], []
+        jobs = [Job(f"flip label run {r + 1}", label_run, (r,)) for r in range(p.label_runs)]
+        for r, (state, loaded) in enumerate(executor.map(jobs, "flip label runs")):
+            runs.append(state["logits"])
+            losses.append(state["losses"].tolist())
+            if loaded:
+                log(f"flip: label run {r + 1}/{p.label_runs} loaded from cache")
 
         # stage 3 + 4: selection and the poisoning
         scores, mean_logits = combine_runs(runs, train.labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,7 @@ def save_cached(path: Path | None, array: np.ndarray) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # a file of this process: concurrent writers
     np.savez_compressed(tmp, array=array)
     tmp.replace(path)
 

@@ -31,6 +31,7 @@ import torch
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config, stable_key
 from cleanbackdoor.data import source_fingerprint
 from cleanbackdoor.errors import ConfigError, DataError
+from cleanbackdoor.executor import Executor, Job, Serial
 from cleanbackdoor.experiment import to_json_value
 from cleanbackdoor.pretrain import model_key
 from cleanbackdoor.report import percent
@@ -216,12 +217,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], comma
 
 
 def run_table(paths: Sequence[str], out: Path, *, overrides: Sequence[str] = (), fields: dict[str, Any] | None = None,
-              log: Callable[[str], None] = print, command: str | None = None) -> dict[str, Any]:
-    """Build the table from experiment configs (files, or completed run folders holding ``config.toml``)."""
+              log: Callable[[str], None] = print, command: str | None = None,
+              executor: Executor | None = None) -> dict[str, Any]:
+    """Build the table from experiment configs (files, or completed run folders holding ``config.toml``).
+    ``executor``: how the rows run (:mod:`cleanbackdoor.executor`; default one after another)."""
     if not paths:
         raise ConfigError("defense-table needs at least one experiment config")
     out.mkdir(parents=True, exist_ok=True)
-    rows, names = [], set()
+    plan, names = [], set()
     for path in paths:
         p = Path(path)
         source = p / "config.toml" if p.is_dir() else p
@@ -232,8 +235,13 @@ def run_table(paths: Sequence[str], out: Path, *, overrides: Sequence[str] = (),
         cfg = load_config(source, list(overrides), **(fields or {}))
         if p.is_dir():
             cfg = cfg.model_copy(update={"out": str(p)})
-        metrics = row_metrics(cfg, name, out, log=log)
-        rows.append({"name": name, "config": str(path), "metrics": metrics})
+        if not cfg.defenses:  # checked for every row before any runs
+            raise ConfigError(f"row {name!r} lists no defenses: add `defenses = [...]` to its config or "
+                              "--set 'defenses=[\"spectral\"]'")
+        plan.append((path, name, cfg))
+    jobs = [Job(f"row {name}", row_metrics, (cfg, name, out)) for _, name, cfg in plan]
+    rows = [{"name": name, "config": str(path), "metrics": metrics}
+            for (path, name, _), metrics in zip(plan, (executor or Serial()).map(jobs, "defense table"))]
     columns: list[str] = []
     for r in rows:
         columns += [c for c in r["metrics"].get("defenses", {}) if c not in columns]

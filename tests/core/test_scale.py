@@ -1,0 +1,148 @@
+"""Scale-out: executors, the cache shared between processes, and sweeps on a local Ray cluster that must equal the
+serial sweep bit for bit (the Ray tests skip without the `ray` extra)."""
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cleanbackdoor.cache import compute_once
+from cleanbackdoor.cli import main
+from cleanbackdoor.config import load_config
+from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.executor import Job, Serial, make_executor
+from cleanbackdoor.sweep import run_sweep
+
+
+def _threads_and(x: int) -> tuple[int, int]:
+    return torch.get_num_threads(), 2 * x
+
+
+def test_serial_executor_keeps_the_order_and_sets_the_threads_per_job():
+    before = torch.get_num_threads()
+    out = Serial(threads=1, echo=False).map([Job(f"j{i}", _threads_and, (i,)) for i in range(3)])
+    assert out == [(1, 0), (1, 2), (1, 4)]
+    assert torch.get_num_threads() == before
+
+
+def test_executor_choices_are_checked(capsys):
+    with pytest.raises(ConfigError, match="unknown executor 'dask'"):
+        make_executor("dask")
+    with pytest.raises(ConfigError, match="--address names a Ray cluster"):
+        make_executor("serial", address="auto")
+    assert main(["sweep", "--budgets", "10", "--executor", "ray", "--cpus-per-run", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--cpus-per-run must be > 0" in err and err.count("\n") == 1
+
+
+def _compute_entry(path: str, log: str) -> float:
+    def compute() -> float:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough for the other process to find the entry missing and wait for the lock
+        return 42.0
+
+    value, _ = compute_once(Path(path), compute, lambda p: torch.load(p), lambda v, p: torch.save(v, p))
+    return value
+
+
+def test_compute_once_computes_a_shared_entry_once_across_processes(tmp_path):
+    path, log = tmp_path / "entry.pt", tmp_path / "computed.txt"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        values = pool.starmap(_compute_entry, [(str(path), str(log))] * 2)
+    assert values == [42.0, 42.0]
+    assert len(log.read_text().split()) == 1  # one process computed it, the other loaded it
+    assert (tmp_path / "entry.pt.lock").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def _sweep_config(tmp_path: Path, name: str, cache: Path):
+    return load_config(None, ["train.epochs=4", "examples=0", "attack.trigger={name = 'turner'}"],
+                       recipe=True, **{"attack.name": "badnets", "out": str(tmp_path / name), "progress": False,
+                                       "cache_dir": str(cache)})
+
+
+def _same_runs(a: Path, b: Path) -> int:
+    """Every point of sweep ``a`` equals the one of ``b``: poisoning, victim weights and metrics (but timings)."""
+    points = sorted(p.name for p in a.iterdir() if (p / "metrics.json").exists())
+    assert points == sorted(p.name for p in b.iterdir() if (p / "metrics.json").exists())
+    for name in points:
+        with np.load(a / name / "poisoning.npz") as x, np.load(b / name / "poisoning.npz") as y:
+            assert sorted(x.files) == sorted(y.files)
+            for k in x.files:
+                np.testing.assert_array_equal(x[k], y[k])
+        wa = torch.load(a / name / "model.pt", weights_only=True)
+        wb = torch.load(b / name / "model.pt", weights_only=True)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+        ma, mb = (json.loads((d / name / "metrics.json").read_text()) for d in (a, b))
+        ma.pop("seconds"), mb.pop("seconds")
+        assert ma == mb, name
+    return len(points)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serial_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serial")
+    cfg = _sweep_config(tmp, "sweep", tmp / "cache")
+    rows = run_sweep(cfg, [10, 30], ("random_flip",), seeds=[0, 1], executor=Serial(threads=1, echo=False))
+    return tmp / "sweep", rows
+
+
+def test_ray_sweep_equals_the_serial_sweep(ray_cluster, serial_sweep, tmp_path):
+    cfg = _sweep_config(tmp_path, "sweep", tmp_path / "cache")
+    rows = run_sweep(cfg, [10, 30], ("random_flip",), seeds=[0, 1], executor=make_executor("ray", threads=1))
+    assert _same_runs(tmp_path / "sweep", serial_sweep[0]) == 8
+    assert rows == serial_sweep[1]
+    # every clean model was trained once, by whichever worker came first, and loaded by the others
+    assert len(list((tmp_path / "cache" / "models").glob("clean-*.pt"))) == 2
+
+
+def test_a_killed_ray_task_is_retried_and_ends_as_the_serial_run(ray_cluster, serial_sweep, tmp_path):
+    cfg = _sweep_config(tmp_path, "sweep", tmp_path / "cache")
+    killed: list[int] = []
+
+    def kill_one_running_task() -> None:  # as a node failing: SIGKILL the worker process in the middle of a run
+        deadline = time.time() + 120
+        while not killed and time.time() < deadline:
+            if list((tmp_path / "sweep").glob(".*.partial/poisoning.npz")):  # a run past its attack stage
+                for proc in Path("/proc").glob("[0-9]*"):
+                    try:
+                        title = (proc / "cmdline").read_bytes().decode(errors="replace")
+                    except OSError:
+                        continue
+                    if title.startswith("ray::badnets at budget") or title.startswith("ray::random_flip at budget"):
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        killed.append(int(proc.name))
+                        return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_running_task)
+    killer.start()
+    rows = run_sweep(cfg, [10, 30], ("random_flip",), seeds=[0, 1], executor=make_executor("ray", threads=1))
+    killer.join()
+    assert killed, "no running task was found to kill"
+    assert _same_runs(tmp_path / "sweep", serial_sweep[0]) == 8
+    assert rows == serial_sweep[1]
+
+
+def test_an_interrupted_sweep_reads_back_its_finished_points(serial_sweep, tmp_path):
+    cfg = _sweep_config(tmp_path, "sweep", tmp_path / "cache")
+    first = run_sweep(cfg, [10], ("random_flip",), executor=Serial(threads=1, echo=False))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").glob("*/metrics.json")}
+    again = run_sweep(cfg, [10], ("random_flip",), executor=Serial(threads=1, echo=False))
+    assert again == first and len(stamps) == 2
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").glob("*/metrics.json")} == stamps
