@@ -1,10 +1,13 @@
-"""Images per second of cleanbackdoor's training loop against a bare PyTorch loop, in one process.
+"""Images per second of cleanbackdoor's training loop against a bare PyTorch loop, and with its speed switches
+(``train.compile``, ``train.channels_last``, ``train.amp``), in one process.
 
 Same model, batch size, optimizer and data (random CIFAR-shaped uint8 images held in memory); no augmentation,
-constant learning rate, so the two loops do the same arithmetic. Runs alternate (bare, project, bare, ...) and the
-median of each is compared, which keeps the shared machine's noise out of the ratio.
+constant learning rate, so the loops do the same arithmetic. Runs alternate (bare, project, compiled, ...) and the
+median of each is compared, which keeps the shared machine's noise out of the ratios. The first call of each case
+is a warm-up; its time is printed for the compiled loop (what compiling costs once per process).
 
     PYTHONPATH=src python benchmarks/training_throughput.py [--model convnet] [--images 4096] [--repeats 3]
+        [--variants compile,channels_last]   (amp too on CUDA)
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--variants", default="compile,channels_last",
+                    help="speed switches to compare with the eager loop (comma-separated; amp: CUDA only)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     rng = np.random.default_rng(0)
@@ -62,30 +67,39 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    # warm-up both paths once
-    bare_loop(fresh(), data_u8, y, args.batch, 0.01, 0)
-    train(fresh(), images, labels, cfg, seed=0, device=dev, progress=False)
-    bare_t, ours_t = [], []
+    cases = {"bare": lambda r: bare_loop(fresh(), data_u8, y, args.batch, 0.01, r),
+             "eager": lambda r: train(fresh(), images, labels, cfg, seed=r, device=dev, progress=False)}
+    for name in [v for v in args.variants.split(",") if v]:
+        if name not in ("compile", "channels_last", "amp"):
+            raise SystemExit(f"unknown variant {name!r}: compile, channels_last, amp")
+        variant = cfg.model_copy(update={name: True})
+        cases[name] = lambda r, variant=variant: train(fresh(), images, labels, variant, seed=r, device=dev,
+                                                       progress=False)
+    warm = {}
+    for name, fn in cases.items():
+        sync()
+        t0 = time.perf_counter()
+        fn(0)
+        sync()
+        warm[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in cases}
     for r in range(args.repeats):
-        m = fresh()
-        sync()
-        t0 = time.perf_counter()
-        bare_loop(m, data_u8, y, args.batch, 0.01, r)
-        sync()
-        bare_t.append(time.perf_counter() - t0)
-        m = fresh()
-        sync()
-        t0 = time.perf_counter()
-        train(m, images, labels, cfg, seed=r, device=dev, progress=False)
-        sync()
-        ours_t.append(time.perf_counter() - t0)
-    bare_ips = args.images / statistics.median(bare_t)
-    ours_ips = args.images / statistics.median(ours_t)
+        for name, fn in cases.items():  # interleaved: drifting machine load hits every case alike
+            sync()
+            t0 = time.perf_counter()
+            fn(r)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    ips = {k: args.images / statistics.median(v) for k, v in times.items()}
     print(f"model {args.model}, batch {args.batch}, {args.images} images, device {dev}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"bare PyTorch loop : {bare_ips:9.1f} images/s")
-    print(f"cleanbackdoor loop: {ours_ips:9.1f} images/s  (includes moving the data to the device)")
-    print(f"ratio (ours / bare): {ours_ips / bare_ips:.3f}")
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"bare PyTorch loop : {ips['bare']:9.1f} images/s")
+    print(f"cleanbackdoor loop: {ips['eager']:9.1f} images/s  (includes moving the data to the device)")
+    print(f"ratio (ours / bare): {ips['eager'] / ips['bare']:.3f}")
+    for name in cases:
+        if name not in ("bare", "eager"):
+            print(f"train.{name:13s}: {ips[name]:9.1f} images/s  ratio to eager {ips[name] / ips['eager']:.3f}"
+                  f"  (first call {warm[name]:.1f} s, eager's {warm['eager']:.1f} s)")
 
 
 if __name__ == "__main__":

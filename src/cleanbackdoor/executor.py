@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.errors import CleanBackdoorError, ConfigError
 
 EXECUTORS = ("serial", "ray")
 
@@ -141,7 +141,12 @@ class RayExecutor:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
                 i = index[ref]
-                results[i] = ray.get(ref)  # a job's own exception is raised here, as the serial run would raise it
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # the job's own error, raised as the serial run raises it
+                    if isinstance(e.cause, CleanBackdoorError):  # a user's error: one line, exit 2
+                        raise e.cause from None
+                    raise
                 done += 1
                 progress(done, min(len(pending), capacity), jobs[i].name)
         return results

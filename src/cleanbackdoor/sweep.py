@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.errors import ConfigError
@@ -103,6 +104,29 @@ def run_sweep(cfg: ExperimentConfig, budgets: list[int | float], baselines: tupl
     plot_budget_curves(rows, out / "budget_curves.png", title)
     print(f"results: {out}")
     return rows
+
+
+def differences(a: Path, b: Path) -> list[str]:
+    """What differs between the runs of two sweep folders (an empty list: the same points with bit-identical
+    poisonings, victim weights and metrics, timings left out). How ``--executor ray`` is checked against the
+    serial sweep."""
+    names = sorted(p.name for p in Path(a).iterdir() if (p / "metrics.json").is_file())
+    other = sorted(p.name for p in Path(b).iterdir() if (p / "metrics.json").is_file())
+    if names != other:
+        return [f"points {names} != {other}"]
+    found = []
+    for name in names:
+        with np.load(a / name / "poisoning.npz") as x, np.load(b / name / "poisoning.npz") as y:
+            if sorted(x.files) != sorted(y.files) or any(not np.array_equal(x[k], y[k]) for k in x.files):
+                found.append(f"{name}: poisoning.npz")
+        wa, wb = (torch.load(d / name / "model.pt", map_location="cpu", weights_only=True) for d in (a, b))
+        if wa.keys() != wb.keys() or any(not torch.equal(wa[k], wb[k]) for k in wa):
+            found.append(f"{name}: model.pt")
+        ma, mb = (json.loads((d / name / "metrics.json").read_text()) for d in (a, b))
+        ma.pop("seconds", None), mb.pop("seconds", None)
+        if ma != mb:
+            found.append(f"{name}: metrics.json")
+    return found
 
 
 def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -430,3 +430,27 @@ def test_flip_beats_random_flips_on_digits(tmp_path, monkeypatch):
     # part of it is the flipped nines pulling untriggered nines to 4 too; the trigger must add to that
     assert flip["attack_success_rate"] >= flip["asr_without_trigger"] + 0.15
     assert flip["clean_accuracy"] >= clean["clean_accuracy"] - 0.05
+
+
+def test_compiled_label_step_gives_the_eager_logits(monkeypatch):
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compiled.append(f) or real(f, **kw))
+    train = _tiny()
+    recipe = TrainConfig(epochs=2, batch_size=32, lr=0.05)
+    trig = build_trigger("patch", (1, 8, 8))
+    imgs, labels, origin = poisoned_training_set(train.images, train.labels, trig, (2,), 0)
+    traj, _ = train_expert(_model(), imgs, labels, recipe, expert_epochs=1, checkpoint_every=2, seed=0,
+                           device=torch.device("cpu"), progress=False)
+    fs = FunctionalSGD(_model(), recipe)
+    data = LabelData.build(train.images, train.labels, imgs, labels, origin, torch.device("cpu"))
+    kw = dict(passes=2, batch_size=32, lr=150.0, momentum=0.5, init_scale=5.0, l1=0.0, seed=3, progress=False)
+    eager, losses = optimize_labels(fs, [traj], data, 3, Augment(), **kw)
+    fast, fast_losses = optimize_labels(fs, [traj], data, 3, Augment(), **kw, compile=True)
+    assert compiled == [matching_loss_and_label_grad]
+    assert torch.allclose(eager, fast, atol=1e-4) and np.allclose(losses, fast_losses, rtol=1e-4)
+    with pytest.raises(ConfigError, match="compile covers the autograd label step"):
+        optimize_labels(fs, [traj], data, 3, Augment(), **kw, method="linearized", compile=True)
+    with pytest.raises(ConfigError, match="compile covers the autograd label step"):
+        build_attack("flip", {"method": "linearized", "compile": True})  # before any work
+

@@ -302,3 +302,37 @@ def test_training_with_a_weight_average_ends_with_the_average():
     assert "ema" not in TrainConfig().model_dump() and TrainConfig(ema=0.5).model_dump()["ema"] == 0.5
     with pytest.raises(ValueError):
         TrainConfig(ema=1.0)
+
+
+def test_speed_switches_stay_out_of_cache_keys_at_their_defaults():
+    assert "compile" not in TrainConfig().model_dump() and "channels_last" not in TrainConfig().model_dump()
+    assert TrainConfig(compile=True).model_dump()["compile"] is True
+    assert TrainConfig(channels_last=True).model_dump_json() != TrainConfig().model_dump_json()
+
+
+def test_channels_last_training_learns_the_same_function_and_returns_a_usual_layout():
+    x, y = _toy()
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+    eager, last = _model(), _model()
+    train(eager, x, y, cfg, seed=1, progress=False)
+    train(last, x, y, cfg.model_copy(update={"channels_last": True}), seed=1, progress=False)
+    assert all(p.is_contiguous() for p in last.parameters())  # saved and evaluated as usual
+    for a, b in zip(eager.state_dict().values(), last.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3)  # another convolution algorithm: rounding only
+    assert (predict(eager, x) == predict(last, x)).mean() > 0.97
+
+
+def test_compiled_training_equals_eager_training_up_to_rounding(monkeypatch):
+    compiled_modules = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_modules.append(m) or real(m, **kw))
+    x, y = _toy()
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05)
+    eager, compiled = build_model("linear", (1, 8, 8), 3), build_model("linear", (1, 8, 8), 3)
+    compiled.load_state_dict(eager.state_dict())
+    train(eager, x, y, cfg, seed=1, progress=False)
+    train(compiled, x, y, cfg.model_copy(update={"compile": True}), seed=1, progress=False)
+    assert compiled_modules == [compiled]
+    assert not hasattr(compiled, "_orig_mod")  # the model itself trained, not a wrapper
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
