@@ -12,9 +12,11 @@ backward with soft labels) and the differentiation of the matching loss back to 
               victim, ``train.finetune = "last"``): one label step on cached features (``--head-batch`` entries of
               ``--feature-dim``, default the whole poisoned CIFAR-10 set of the transfer config, 55,000 x 64) divided
               by one training step of the head on the same batch.
+- compiled:   with ``--compile``, the default route through ``torch.compile`` (FLIP's ``compile = true``), and the
+              plain training step compiled likewise; the first call of each (compiling) is printed apart.
 
     PYTHONPATH=src python benchmarks/flip_label_step.py [--model convnet] [--batch 128] [--repeats 5] [--chunks 2]
-        [--head-batch 55000] [--feature-dim 64] [--head-hidden 0]
+        [--head-batch 55000] [--feature-dim 64] [--head-hidden 0] [--compile]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--head-batch", type=int, default=55000, help="entries of the head-only label step")
     ap.add_argument("--feature-dim", type=int, default=64)
     ap.add_argument("--head-hidden", type=int, default=0, help="hidden units of an MLP head (0: linear)")
+    ap.add_argument("--compile", action="store_true", help="also the compiled label step and training step")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     torch.manual_seed(0)
@@ -71,6 +74,23 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    compiled_matching = torch.compile(matching_loss_and_label_grad)
+    compiled_model = torch.compile(model)
+
+    def compiled_train_step():
+        model.train()
+        loss = F.cross_entropy(compiled_model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def compiled_label_step():
+        soft = F.softmax(logits, 1)
+        _, g = compiled_matching(fs, theta, buf, torch.tensor(0.1, device=dev), x_trig, y, x, soft.detach())
+        label_opt.zero_grad(set_to_none=True)
+        (soft * g).sum().backward()
+        label_opt.step()
 
     def label_step(method: str, reload: bool = False):
         th, bf = theta, buf
@@ -120,9 +140,14 @@ def main() -> None:
     cases = {"train": train_step, "linearized": lambda: label_step("linearized"),
              "autograd": lambda: label_step("autograd"), "disk": lambda: label_step("autograd", True),
              "chunked": lambda: label_step("chunked"), "head-train": head_train_step, "head": head_label_step}
+    if args.compile:
+        cases.update({"compiled-train": compiled_train_step, "compiled": compiled_label_step})
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for fn in cases.values():  # warm-up
+    warm = {}
+    for name, fn in cases.items():  # warm-up (compiling, for the compiled cases)
+        t0 = time.perf_counter()
         fn()
+        warm[name] = time.perf_counter() - t0
     for _ in range(args.repeats):
         for name, fn in cases.items():  # interleaved, so drifting machine load hits every case alike
             sync()
@@ -136,6 +161,12 @@ def main() -> None:
     print(f"training step          : {1000 * med['train']:8.1f} ms")
     for k in ("autograd", "linearized", "disk", "chunked"):
         print(f"label step ({k:10s}): {1000 * med[k]:8.1f} ms   ratio {med[k] / med['train']:.2f}")
+    if args.compile:
+        print(f"compiled training step : {1000 * med['compiled-train']:8.1f} ms   ratio to eager "
+              f"{med['train'] / med['compiled-train']:.2f}x faster (first call {warm['compiled-train']:.1f} s)")
+        print(f"label step (compiled)  : {1000 * med['compiled']:8.1f} ms   ratio {med['compiled'] / med['train']:.2f}"
+              f" to the eager training step; {med['autograd'] / med['compiled']:.2f}x faster than eager "
+              f"(first call {warm['compiled']:.1f} s)")
     print(f"head on cached features, {args.head_batch} x {args.feature_dim}"
           f"{f', hidden {args.head_hidden}' if args.head_hidden else ''}:")
     print(f"training step          : {1000 * med['head-train']:8.1f} ms")

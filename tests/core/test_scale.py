@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,32 @@ def test_differences_names_what_differs(serial_sweep, tmp_path):
     weights[first] = weights[first] + 1e-7
     torch.save(weights, copy / "random_flip-30-seed1" / "model.pt")
     assert differences(serial_sweep[0], copy) == ["badnets-10-seed0: metrics.json", "random_flip-30-seed1: model.pt"]
+
+
+def _flip_config(tmp_path: Path, name: str):
+    overrides = ["attack.n_experts=2", "attack.label_runs=2", "attack.expert_epochs=2", "attack.label_passes=3",
+                 "train.epochs=3", "examples=0", "clean_baseline=false", "dirty_label_control=false"]
+    return load_config(None, overrides, recipe=True,
+                       **{"out": str(tmp_path / name), "progress": False, "cache_dir": str(tmp_path / f"cache-{name}")})
+
+
+def test_flip_experts_and_label_runs_as_ray_tasks_equal_the_serial_run(ray_cluster, tmp_path):
+    from cleanbackdoor.experiment import run_experiment
+
+    serial = run_experiment(_flip_config(tmp_path, "serial"), echo=False, executor=Serial(threads=1, echo=False))
+    spread = run_experiment(_flip_config(tmp_path, "ray"), echo=False, executor=make_executor("ray", threads=1))
+    assert np.array_equal(serial.poisoning.labels, spread.poisoning.labels)
+    assert np.array_equal(serial.poisoning.mask, spread.poisoning.mask) and serial.poisoning.mask.sum() == 40
+    for kind in ("expert", "labels"):  # each job wrote its own cache entry
+        assert len(list((tmp_path / "cache-ray" / "flip").glob(f"{kind}-*.pt"))) == 2
+    log = (tmp_path / "ray" / "log.txt").read_text()
+    assert "flip: expert 2/2 trained" in log
+
+
+def test_a_users_error_inside_a_ray_task_ends_with_one_line(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
+    code = main(["sweep", "--attack", "badnets", "--out", str(tmp_path / "s"), "--quiet", "--budgets", "5000",
+                 "--no-baseline", "--set", "train.epochs=1", "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "RayTaskError" not in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("cleanbackdoor: error: ")

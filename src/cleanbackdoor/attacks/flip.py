@@ -674,7 +674,13 @@ class Flip(Attack):
         device = resolve_device(ctx.device)
         log = ctx.log
         ext_images, ext_labels, origin = poisoned_training_set(train.images, train.labels, trigger, sources, target)
-        normalization = functools.cache(lambda: channel_stats(train.images))
+        stats: list[tuple] = []  # the channel statistics, computed when a model first needs them (a plain closure:
+                                 # the expert jobs are pickled for Ray, and functools.cache objects are not)
+
+        def normalization() -> tuple:
+            if not stats:
+                stats.append(channel_stats(train.images))
+            return stats[0]
 
         def fresh_model(s: int) -> nn.Module:
             if p.expert_model is None and ctx.victim is not None:  # the victim's architecture, as the experiment
