@@ -68,29 +68,24 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step():
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
+    def train_step(net=model, inputs=x, targets=y, optimizer=opt):
+        net.train()
+        loss = F.cross_entropy(net(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
+
+    def update_labels(label_logits, optimizer, grad_of_soft):
+        """One label step: the matching loss's gradient w.r.t. the soft labels, chained to the logits."""
+        soft = F.softmax(label_logits, 1)
+        g = grad_of_soft(soft.detach())
+        optimizer.zero_grad(set_to_none=True)
+        (soft * g).sum().backward()
+        optimizer.step()
 
     compiled_matching = torch.compile(matching_loss_and_label_grad)
     compiled_model = torch.compile(model)
-
-    def compiled_train_step():
-        model.train()
-        loss = F.cross_entropy(compiled_model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def compiled_label_step():
-        soft = F.softmax(logits, 1)
-        _, g = compiled_matching(fs, theta, buf, torch.tensor(0.1, device=dev), x_trig, y, x, soft.detach())
-        label_opt.zero_grad(set_to_none=True)
-        (soft * g).sum().backward()
-        label_opt.step()
+    lr = torch.tensor(0.1, device=dev)
 
     def label_step(method: str, reload: bool = False):
         th, bf = theta, buf
@@ -98,19 +93,17 @@ def main() -> None:
             for _ in range(3):
                 state = torch.load(ckpt, map_location=dev, weights_only=True)
             th, bf = state["params"], state["momentum"]
-        soft = F.softmax(logits, 1)
-        if method == "chunked":
-            size = -(-args.batch // args.chunks)
-            parts = [slice(a, min(a + size, args.batch)) for a in range(0, args.batch, size)]
-            _, g = chunked_matching_loss_and_label_grad(
-                fs, th, bf, torch.tensor(0.1, device=dev),
-                [(r, lambda r=r: (x_trig[r], y[r], x[r])) for r in parts], soft.detach(), "autograd")
-        else:
-            _, g = matching_loss_and_label_grad(fs, th, bf, torch.tensor(0.1, device=dev), x_trig, y, x,
-                                                soft.detach(), method)
-        label_opt.zero_grad(set_to_none=True)
-        (soft * g).sum().backward()
-        label_opt.step()
+
+        def grad_of_soft(soft):
+            if method == "chunked":
+                size = -(-args.batch // args.chunks)
+                parts = [slice(a, min(a + size, args.batch)) for a in range(0, args.batch, size)]
+                return chunked_matching_loss_and_label_grad(
+                    fs, th, bf, lr, [(r, lambda r=r: (x_trig[r], y[r], x[r])) for r in parts], soft, "autograd")[1]
+            matching = compiled_matching if method == "compiled" else matching_loss_and_label_grad
+            return matching(fs, th, bf, lr, x_trig, y, x, soft, "autograd" if method == "compiled" else method)[1]
+
+        update_labels(logits, label_opt, grad_of_soft)
 
     # the head-only route: a head on cached features, the whole poisoned set in one step
     head = make_head(args.feature_dim, 10, args.head_hidden).to(dev)
@@ -124,24 +117,19 @@ def main() -> None:
     head_label_opt = torch.optim.SGD([head_logits], lr=150, momentum=0.5)
 
     def head_train_step():
-        loss = F.cross_entropy(head(feats), y_head)
-        head_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        head_opt.step()
+        train_step(head, feats, y_head, head_opt)
 
     def head_label_step():
-        soft = F.softmax(head_logits, 1)
-        _, g = matching_loss_and_label_grad(head_fs, head_theta, torch.zeros_like(head_theta),
-                                            torch.tensor(0.01, device=dev), feats_trig, y_head, feats, soft.detach())
-        head_label_opt.zero_grad(set_to_none=True)
-        (soft * g).sum().backward()
-        head_label_opt.step()
+        update_labels(head_logits, head_label_opt, lambda soft: matching_loss_and_label_grad(
+            head_fs, head_theta, torch.zeros_like(head_theta), torch.tensor(0.01, device=dev), feats_trig, y_head,
+            feats, soft)[1])
 
     cases = {"train": train_step, "linearized": lambda: label_step("linearized"),
              "autograd": lambda: label_step("autograd"), "disk": lambda: label_step("autograd", True),
              "chunked": lambda: label_step("chunked"), "head-train": head_train_step, "head": head_label_step}
     if args.compile:
-        cases.update({"compiled-train": compiled_train_step, "compiled": compiled_label_step})
+        cases.update({"compiled-train": lambda: train_step(compiled_model),
+                      "compiled": lambda: label_step("compiled")})
     times: dict[str, list[float]] = {k: [] for k in cases}
     warm = {}
     for name, fn in cases.items():  # warm-up (compiling, for the compiled cases)

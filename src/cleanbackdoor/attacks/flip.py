@@ -148,7 +148,7 @@ class FlipParams(AttackParams):
     method: Literal["autograd", "linearized"] = Field(
         "autograd", description="how the student step is differentiated: autograd or linearized (same gradient)")
     compile: bool = Field(False, description="torch.compile the label step (autograd route, batches of one piece): "
-                                             "1.6x per step on 2 CPU cores after about 25 s of compiling; the "
+                                             "1.5x per step on 2 CPU cores after 4-28 s of compiling; the "
                                              "labels equal the eager ones up to float rounding")
 
 
