@@ -12,7 +12,8 @@ pretrained      ``models/pretrained-*.pt``            extractors pretrained on a
 clean           ``models/clean-*.pt``                 clean models of experiments (the no-attack baseline)
 checkpoints     ``models/*.ckpt``, ``flip/*.work``    unfinished trainings; a rerun resumes from them
 features        ``features/``                         frozen extractors' features, per image (one folder a view)
-flip            ``flip/``                             FLIP's expert trajectories
+flip            ``flip/``                             FLIP's expert trajectories and label runs
+hidden_trigger  ``hidden_trigger/``                   the hidden-trigger attack's optimized poisons
 defenses        ``defenses/``                         defenses' trained models and scores
 audit           ``audit/``                            the models ``cleanbackdoor audit`` trains
 ==============  ====================================  ==============================================================
@@ -41,11 +42,12 @@ import torch
 
 from cleanbackdoor.errors import ConfigError
 
-KINDS = ("datasets", "pretrained", "clean", "checkpoints", "features", "flip", "defenses", "audit")
+KINDS = ("datasets", "pretrained", "clean", "checkpoints", "features", "flip", "hidden_trigger", "defenses", "audit")
 # The layout, for the modules that write to the cache (so that what they write is what this module classifies):
 # a folder per kind, except models/, which holds the pretrained extractors and the clean models.
 DATASETS, MODELS, FEATURES, FLIP, DEFENSES, AUDIT = "datasets", "models", "features", "flip", "defenses", "audit"
-_FOLDERS = (DATASETS, FEATURES, FLIP, DEFENSES, AUDIT)
+HIDDEN_TRIGGER = "hidden_trigger"
+_FOLDERS = (DATASETS, FEATURES, FLIP, HIDDEN_TRIGGER, DEFENSES, AUDIT)
 _MODEL_KINDS = ("pretrained", "clean")
 
 

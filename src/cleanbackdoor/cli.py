@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     cached.add_argument("--list", action="store_true", help="one line an entry instead of a summary by kind")
     cached.add_argument("--clear", action="append", metavar="KIND",
                         help="remove the entries of a kind (repeat): all, datasets, pretrained, clean, checkpoints, "
-                             "features, flip, defenses, audit")
+                             "features, flip, hidden_trigger, defenses, audit")
     cached.add_argument("--older-than", type=float, metavar="DAYS",
                         help="only entries last modified more than DAYS days ago")
     cached.add_argument("--dry-run", action="store_true", help="say what --clear would remove, remove nothing")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cleanbackdoor.attacks import build_attack
+from cleanbackdoor.attacks import AttackContext, build_attack
 from cleanbackdoor.attacks.hidden_trigger import (
     HiddenTrigger,
     feature_fn,
@@ -317,3 +317,24 @@ def test_poisons_added_to_the_clean_target_images_or_replacing_them():
         nines = train.labels == 1
         assert (train.labels == 0).sum() == 60 and p.mask.sum() == 20 and p.mask[nines].sum() == 20
         assert (nines & ~p.mask).sum() == clean_nines
+
+
+def test_poisons_are_cached_under_their_inputs(data, extractor, tmp_path):
+    notes: list[str] = []
+    context = AttackContext(cache_dir=tmp_path, log=notes.append, progress=False)
+    first = _attack(extractor, iterations=5).poison(data, seed=1, context=context)
+    again = _attack(extractor, iterations=5).poison(data, seed=1, context=context)
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.image_indices, again.image_indices)
+    assert not first.metadata["from_cache"] and again.metadata["from_cache"]
+    assert again.metadata["final_feature_loss_mean"] == first.metadata["final_feature_loss_mean"]
+    assert sum("poisons loaded from cache" in n for n in notes) == 1
+    assert len(list((tmp_path / "hidden_trigger").glob("poisons-*.pt"))) == 1
+    # another eps, another extractor or a logging change: recomputed only for what changes the poisons
+    _attack(extractor, iterations=5, log_every=1).poison(data, seed=1, context=context)
+    assert len(list((tmp_path / "hidden_trigger").glob("poisons-*.pt"))) == 1
+    _attack(extractor, iterations=5, eps=8 / 255).poison(data, seed=1, context=context)
+    other = copy.deepcopy(extractor)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    _attack(other, iterations=5).poison(data, seed=1, context=context)
+    assert len(list((tmp_path / "hidden_trigger").glob("poisons-*.pt"))) == 3

@@ -68,6 +68,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -77,13 +78,16 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
+from cleanbackdoor.cache import HIDDEN_TRIGGER, compute_once, save_atomic
+from cleanbackdoor.config import fingerprint, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy
-from cleanbackdoor.training import predict, resolve_device
+from cleanbackdoor.training import FrozenFeatures, predict, resolve_device
 from cleanbackdoor.triggers import PatchTrigger
 
+POISONS_VERSION = 1  # part of the poisons' cache key: bump it when a change to the algorithm changes the poisons
 Matching = Literal["hungarian", "greedy"]
 SourceDraw = Literal["fresh", "once"]
 Precision = Literal["float32", "bfloat16"]
@@ -432,29 +436,48 @@ class HiddenTrigger(Attack):
         source_images = to_nchw(train.images[source_pool], device)
         patch = torch.from_numpy(patch_pixels(trigger)).permute(2, 0, 1).float().div_(255)
         fixed = (0, 0) if trigger.position == "random" else tuple(int(v) for v in trigger.positions(1)[0])
-        ctx.log(f"hidden trigger: {k} poisons from {len(target_pool)} target-class images, sources drawn from "
-                f"{len(source_pool)} images, eps {p.eps:.4f}, up to {p.iterations} iterations on {device}")
-        result = optimize_poisons(
-            feature_fn(extractor, p.precision, p.compile), targets01, source_images, patch,
-            random_position=trigger.position == "random", fixed_position=fixed, eps=p.eps, iterations=p.iterations,
-            lr=p.lr, lr_decay=p.lr_decay, decay_every=p.decay_every, step=p.step, stop_loss=p.stop_loss,
-            matching=p.matching, batch_size=p.batch_size, source_draw=p.source_draw, seed=seed,
-            log=ctx.log if ctx.progress else None, log_every=p.log_every)
-        images = quantize(result.poisons, train.images[chosen], p.eps)
-        diff = np.abs(images.astype(np.int16) - train.images[chosen].astype(np.int16))
+        targets_u8 = train.images[chosen]
+
+        def optimize() -> dict[str, Any]:
+            ctx.log(f"hidden trigger: {k} poisons from {len(target_pool)} target-class images, sources drawn from "
+                    f"{len(source_pool)} images, eps {p.eps:.4f}, up to {p.iterations} iterations on {device}")
+            result = optimize_poisons(
+                feature_fn(extractor, p.precision, p.compile), targets01, source_images, patch,
+                random_position=trigger.position == "random", fixed_position=fixed, eps=p.eps,
+                iterations=p.iterations, lr=p.lr, lr_decay=p.lr_decay, decay_every=p.decay_every, step=p.step,
+                stop_loss=p.stop_loss, matching=p.matching, batch_size=p.batch_size, source_draw=p.source_draw,
+                seed=seed, log=ctx.log if ctx.progress else None, log_every=p.log_every)
+            return {"images": torch.from_numpy(quantize(result.poisons, targets_u8, p.eps)),
+                    "iterations_run": max(result.iterations), "stopped_early": max(result.iterations) < p.iterations,
+                    "final_feature_loss_mean": float(result.final_loss.mean()),
+                    "final_feature_loss_max": float(result.final_loss.max()),
+                    "initial_feature_loss_mean": result.history[0][1] if result.history else None,
+                    "seconds": round(result.seconds, 3), "history": result.history}
+
+        # the poisons are cached under their inputs (the optimization takes minutes on a CPU): the training set, the
+        # chosen targets, the trigger, the extractor's structure and weights, and every parameter but log_every
+        key = stable_key("hidden-trigger-poisons", POISONS_VERSION, fingerprint(train.images, train.labels),
+                         chosen.tolist(), trigger.params(), target, list(sources or []), seed,
+                         FrozenFeatures.extractor_key(extractor), p.model_dump(mode="json", exclude={"log_every"}))
+        path = Path(ctx.cache_dir) / HIDDEN_TRIGGER / f"poisons-{key}.pt" if ctx.cache_dir else None
+
+        def save(value: dict[str, Any], path: Path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_atomic(value, path)
+
+        found, loaded = compute_once(path, optimize, lambda path: torch.load(path, weights_only=True), save)
+        images = found["images"].numpy()
+        diff = np.abs(images.astype(np.int16) - targets_u8.astype(np.int16))
         mask = np.zeros(len(train), dtype=bool)
         mask[chosen] = True
-        meta.update({"iterations_run": max(result.iterations), "iterations": p.iterations,
-                     "stopped_early": max(result.iterations) < p.iterations,
-                     "final_feature_loss_mean": float(result.final_loss.mean()),
-                     "final_feature_loss_max": float(result.final_loss.max()),
-                     "initial_feature_loss_mean": result.history[0][1] if result.history else None,
+        meta.update({"iterations": p.iterations, **{name: v for name, v in found.items() if name != "images"},
                      "linf_grey_levels": int(diff.max()), "mean_abs_grey_levels": float(diff.mean()),
-                     "matching": p.matching, "source_draw": p.source_draw,
-                     "precision": p.precision, "compiled": p.compile, "seconds": round(result.seconds, 3),
-                     "history": result.history,
-                     "extractor": getattr(extractor, "source_task", {}).get("key")})
-        ctx.log(f"hidden trigger: {max(result.iterations)} iterations in {result.seconds:.1f}s, feature loss "
+                     "matching": p.matching, "source_draw": p.source_draw, "precision": p.precision,
+                     "compiled": p.compile, "extractor": getattr(extractor, "source_task", {}).get("key"),
+                     "from_cache": loaded})
+        if loaded:
+            ctx.log(f"hidden trigger: poisons loaded from cache {path}")
+        ctx.log(f"hidden trigger: {meta['iterations_run']} iterations in {meta['seconds']:.1f}s, feature loss "
                 f"mean {meta['final_feature_loss_mean']:.3f} (from {meta['initial_feature_loss_mean']:.3f}), "
                 f"L_inf {meta['linf_grey_levels']} grey levels")
         return Poisoning(self.name, train.labels.copy(), mask, trigger, target, sources, k, chosen, images,
