@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.cache import AUDIT, save_atomic
+from cleanbackdoor.cache import AUDIT, compute_once, save_atomic
 from cleanbackdoor.config import fingerprint, load_config, parse_value, stable_key
 from cleanbackdoor.data import DATASETS, ImageSet, load_dataset, load_folder_splits, load_image_folder
 from cleanbackdoor.data.archive import is_archive
@@ -410,15 +410,21 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
     key = stable_key("audit-model", fingerprint(data.images, data.labels), model_key(cfg.model),
                      recipe.model_dump(mode="json"), seed)
     path = cfg.cache_path() / AUDIT / f"model-{key}.pt"
-    if path.exists():
-        net = context.model_factory(seed)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net = context.model_factory(seed)
+
+    def fit() -> dict[str, torch.Tensor]:
+        trained = train_defender_model(data, np.arange(len(data)), recipe, seed=seed, context=context,
+                                       desc="audit model")
+        return {k: v.cpu() for k, v in trained.state_dict().items()}
+
+    def save(weights: dict[str, torch.Tensor], p: Path) -> None:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(weights, p)
+
+    weights, loaded = compute_once(path, fit, lambda p: torch.load(p, map_location="cpu", weights_only=True), save)
+    net.load_state_dict(weights)
+    if loaded:
         log(f"audit model: loaded from cache {path}")
-    else:
-        net = train_defender_model(data, np.arange(len(data)), recipe, seed=seed, context=context,
-                                   desc="audit model")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path)
     from cleanbackdoor.defenses.internal import probabilities
     from cleanbackdoor.training import resolve_device
 

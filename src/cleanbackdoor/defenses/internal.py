@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.cache import DEFENSES, FEATURES
+from cleanbackdoor.cache import DEFENSES, FEATURES, compute_once
 from cleanbackdoor.config import fingerprint, scale_milestones, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, to_nchw, to_tensor
@@ -105,21 +106,23 @@ def _cache_file(context: DefenseContext, kind: str, key: str) -> Path | None:
     return Path(context.cache_dir) / DEFENSES / f"{kind}-{key}.npz" if context.cache_dir else None
 
 
-def load_cached(path: Path | None, context: DefenseContext, what: str) -> np.ndarray | None:
-    if path is None or not path.exists():
-        return None
-    with np.load(path, allow_pickle=False) as z:
+def cached_array(path: Path | None, compute: Callable[[], np.ndarray], context: DefenseContext,
+                 what: str) -> np.ndarray:
+    """An array of the defenses' cache (``.npz``), computed once (:func:`cleanbackdoor.cache.compute_once`)."""
+    def load(p: Path) -> np.ndarray:
+        with np.load(p, allow_pickle=False) as z:
+            return z["array"]
+
+    def save(array: np.ndarray, p: Path) -> None:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.stem}.{os.getpid()}.tmp.npz")  # a file of this process: concurrent writers
+        np.savez_compressed(tmp, array=array)
+        tmp.replace(p)
+
+    array, loaded = compute_once(path, compute, load, save)
+    if loaded:
         context.log(f"{what}: loaded from cache {path}")
-        return z["array"]
-
-
-def save_cached(path: Path | None, array: np.ndarray) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # a file of this process: concurrent writers
-    np.savez_compressed(tmp, array=array)
-    tmp.replace(path)
+    return array
 
 
 def cross_val_probabilities(data: ImageSet, *, folds: int, seed: int, context: DefenseContext,
@@ -141,20 +144,20 @@ def cross_val_probabilities(data: ImageSet, *, folds: int, seed: int, context: D
                               f"class; the smallest class has {smallest}")
     key = stable_key("cv-probabilities", fingerprint(data.images, labels), model_key(context.model),
                      recipe.model_dump(mode="json"), folds, seed)
-    path = _cache_file(context, "cv", key)
-    cached = load_cached(path, context, "cross-validated probabilities")
-    if cached is not None:
-        return cached
-    splitter = (KFold(folds, shuffle=True, random_state=seed) if multilabel
-                else StratifiedKFold(folds, shuffle=True, random_state=seed))
-    probs = np.zeros((len(data), data.num_classes), dtype=np.float64)
-    for f, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(data)), None if multilabel else labels)):
-        model = train_defender_model(data, fit_idx, recipe, seed=seed + 1000 + f, context=context,
-                                     desc=f"cross-validation fold {f + 1}/{folds}")
-        probs[held_idx] = probabilities(model, data.images[held_idx], multilabel, context.feature_cache)
-        context.log(f"cross-validation: fold {f + 1}/{folds} trained on {len(fit_idx)} examples")
-    save_cached(path, probs)
-    return probs
+
+    def compute() -> np.ndarray:
+        splitter = (KFold(folds, shuffle=True, random_state=seed) if multilabel
+                    else StratifiedKFold(folds, shuffle=True, random_state=seed))
+        probs = np.zeros((len(data), data.num_classes), dtype=np.float64)
+        for f, (fit_idx, held_idx) in enumerate(splitter.split(np.zeros(len(data)),
+                                                                None if multilabel else labels)):
+            model = train_defender_model(data, fit_idx, recipe, seed=seed + 1000 + f, context=context,
+                                         desc=f"cross-validation fold {f + 1}/{folds}")
+            probs[held_idx] = probabilities(model, data.images[held_idx], multilabel, context.feature_cache)
+            context.log(f"cross-validation: fold {f + 1}/{folds} trained on {len(fit_idx)} examples")
+        return probs
+
+    return cached_array(_cache_file(context, "cv", key), compute, context, "cross-validated probabilities")
 
 
 def held_out_probabilities(data: ImageSet, held_out: np.ndarray, *, seed: int, context: DefenseContext,
@@ -164,15 +167,13 @@ def held_out_probabilities(data: ImageSet, held_out: np.ndarray, *, seed: int, c
     recipe = defender_recipe(context, epochs, data.multilabel)
     key = stable_key("held-out-probabilities", fingerprint(data.images, data.labels, held_out),
                      model_key(context.model), recipe.model_dump(mode="json"), seed)
-    path = _cache_file(context, "heldout", key)
-    cached = load_cached(path, context, "held-out probabilities")
-    if cached is not None:
-        return cached
-    model = train_defender_model(data, np.flatnonzero(~held_out), recipe, seed=seed + 2000, context=context,
-                                 desc="model without the held-out examples")
-    probs = probabilities(model, data.images, data.multilabel, context.feature_cache)
-    save_cached(path, probs)
-    return probs
+
+    def compute() -> np.ndarray:
+        model = train_defender_model(data, np.flatnonzero(~held_out), recipe, seed=seed + 2000, context=context,
+                                     desc="model without the held-out examples")
+        return probabilities(model, data.images, data.multilabel, context.feature_cache)
+
+    return cached_array(_cache_file(context, "heldout", key), compute, context, "held-out probabilities")
 
 
 def feature_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, *, folds: int,
