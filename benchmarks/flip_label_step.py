@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from cleanbackdoor.attacks.flip import FunctionalSGD, chunked_matching_loss_and_label_grad, matching_loss_and_label_grad
 from cleanbackdoor.models import build_model, make_head
-from cleanbackdoor.training import TrainConfig, resolve_device
+from cleanbackdoor.training import resolve_device
+from cleanbackdoor.recipes import TrainConfig
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import TrainConfig, resolve_device, train
+from cleanbackdoor.training import resolve_device, train
+from cleanbackdoor.recipes import TrainConfig
 
 
 def bare_loop(model, data_u8: torch.Tensor, y: torch.Tensor, batch: int, lr: float, seed: int) -> None:

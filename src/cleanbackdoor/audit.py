@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.cache import AUDIT, compute_once, save_atomic
-from cleanbackdoor.config import fingerprint, load_config, parse_value, stable_key
+from cleanbackdoor.cache import AUDIT, compute_once, fingerprint, save_atomic, stable_key
+from cleanbackdoor.config import load_config, parse_value
 from cleanbackdoor.data import DATASETS, ImageSet, load_dataset, load_folder_splits, load_image_folder
 from cleanbackdoor.data.archive import is_archive
 from cleanbackdoor.data.folder import find_split_root

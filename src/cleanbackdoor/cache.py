@@ -29,6 +29,8 @@ while the others wait, then load it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -36,8 +38,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from cleanbackdoor.errors import ConfigError
@@ -52,6 +55,26 @@ _MODEL_KINDS = ("pretrained", "clean")
 
 
 T = TypeVar("T")
+
+
+# -- keys -----------------------------------------------------------------------------------------------------
+def stable_key(*parts: Any, length: int = 16) -> str:
+    """A hash of JSON-serializable parts: the cache key of an expensive product."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A hash of arrays' bytes, shapes and dtypes: the part of a cache key that stands for data."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- writing entries ------------------------------------------------------------------------------------------
 
 
 def save_atomic(obj: object, path: Path) -> None:

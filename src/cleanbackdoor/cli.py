@@ -120,7 +120,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from cleanbackdoor.attacks import ATTACKS
     from cleanbackdoor.data import DATASETS
     from cleanbackdoor.models import MODELS
-    from cleanbackdoor.training import PRESETS
+    from cleanbackdoor.recipes import PRESETS
     from cleanbackdoor.triggers import TRIGGERS
 
     registry = {"attacks": ATTACKS, "datasets": DATASETS, "models": MODELS, "triggers": TRIGGERS,

@@ -9,20 +9,19 @@ presets filled in) is written next to the results as ``config.toml``, so a run c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
                       model_serializer, model_validator)
 
 from cleanbackdoor.cache import default_root
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.training import PRESETS, TrainConfig, preset, resolve_device
+from cleanbackdoor.recipes import TrainConfig, expand_preset, preset
+from cleanbackdoor.training import resolve_device
 
 # The training recipe a dataset gets when the config names none.
 DEFAULT_PRESET = {"digits": "digits", "mnist": "digits", "cifar10": "cifar-fast", "cifar100": "cifar-fast",
@@ -64,7 +63,7 @@ class PretrainConfig(BaseModel):
     @field_validator("train", mode="before")
     @classmethod
     def _expand_preset(cls, value: Any) -> Any:
-        return ExperimentConfig._expand_preset(value)
+        return expand_preset(value)
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
@@ -145,19 +144,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("train", mode="before")
     @classmethod
     def _expand_preset(cls, value: Any) -> Any:
-        if isinstance(value, dict) and "preset" in value:
-            value = dict(value)
-            name = value.pop("preset")
-            if name not in PRESETS:
-                raise ValueError(f"unknown training preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
-            merged = {**PRESETS[name], **value}
-            base = PRESETS[name]
-            if "epochs" in value and "milestones" not in value and base.get("milestones"):
-                merged["milestones"] = scale_milestones(base["milestones"], base["epochs"], value["epochs"])
-                if not merged["milestones"]:
-                    merged["schedule"] = "constant"
-            return merged
-        return value
+        return expand_preset(value)
 
     @field_validator("attack", mode="before")
     @classmethod
@@ -194,12 +181,6 @@ class ExperimentConfig(BaseModel):
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_root()
-
-
-def scale_milestones(milestones: list[int], epochs: int, new_epochs: int) -> list[int]:
-    """A preset's lr milestones moved to the same fractions of a shorter (or longer) run."""
-    scaled = sorted({round(m * new_epochs / epochs) for m in milestones})
-    return [m for m in scaled if 0 < m < new_epochs]
 
 
 # The attack a command line without a config file runs: the first of the four papers, with its digits recipe.
@@ -373,19 +354,3 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
-
-
-def stable_key(*parts: Any, length: int = 16) -> str:
-    """A hash of JSON-serializable parts: the cache key of an expensive product."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """A hash of arrays' bytes, shapes and dtypes: the part of a cache key that stands for data."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]

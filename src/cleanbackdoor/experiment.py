@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from cleanbackdoor.attacks import Attack, AttackContext, Poisoning, build_attack
-from cleanbackdoor.cache import FEATURES, compute_once, model_file, save_atomic
-from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml, fingerprint, stable_key
+from cleanbackdoor.cache import FEATURES, compute_once, fingerprint, model_file, save_atomic, stable_key
+from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy, attack_success_rate

@@ -15,7 +15,8 @@ from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.experiment import evaluate, run_experiment
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import preset, train
+from cleanbackdoor.training import train
+from cleanbackdoor.recipes import preset
 
 
 def _toy(n=60, side=8, channels=1, classes=4, seed=0):

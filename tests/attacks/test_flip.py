@@ -17,7 +17,8 @@ from cleanbackdoor.data.transforms import Augment
 from cleanbackdoor.errors import BudgetError, ConfigError
 from cleanbackdoor.models import build_model
 from cleanbackdoor.sweep import run_sweep
-from cleanbackdoor.training import FrozenFeatures, TrainConfig, freeze_all_but_head
+from cleanbackdoor.training import FrozenFeatures, freeze_all_but_head
+from cleanbackdoor.recipes import TrainConfig
 from cleanbackdoor.triggers import build_trigger
 
 

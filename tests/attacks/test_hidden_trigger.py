@@ -25,7 +25,8 @@ from cleanbackdoor.experiment import load_data
 from cleanbackdoor.metrics import attack_success_rate
 from cleanbackdoor.models import build_model
 from cleanbackdoor.pretrain import pretrained_model, select_classes, victim_from_pretrained
-from cleanbackdoor.training import TrainConfig, predict, train
+from cleanbackdoor.training import predict, train
+from cleanbackdoor.recipes import TrainConfig
 from cleanbackdoor.triggers import build_trigger
 
 

@@ -58,7 +58,7 @@ def test_missing_or_broken_file(tmp_path):
 def test_fingerprint_tells_data_apart_by_content_shape_and_dtype():
     import numpy as np
 
-    from cleanbackdoor.config import fingerprint
+    from cleanbackdoor.cache import fingerprint
 
     a = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert fingerprint(a) == fingerprint(a.copy()) == fingerprint(np.asfortranarray(a))

@@ -15,7 +15,8 @@ from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
 from cleanbackdoor.pretrain import (pretrain_key, pretrained_model, select_classes, source_task,
                                    victim_from_pretrained)
-from cleanbackdoor.training import TrainConfig, train
+from cleanbackdoor.training import train
+from cleanbackdoor.recipes import TrainConfig
 
 PRETRAIN = 'model.pretrained={classes=[0, 1, 2, 3, 4], train={preset="digits", epochs=8}}'
 VICTIM = 'train={preset="digits", epochs=10, finetune="last"}'

@@ -6,8 +6,8 @@ import torch
 
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, WeightAverage, asymmetric_loss, lr_at,
-                                    predict, predict_logits, preset, train)
+from cleanbackdoor.training import FrozenFeatures, WeightAverage, asymmetric_loss, lr_at, predict, predict_logits, train
+from cleanbackdoor.recipes import PRESETS, TrainConfig, preset
 
 
 def _toy(n=200, seed=0):

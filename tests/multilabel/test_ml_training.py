@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import PRESETS, TrainConfig, asymmetric_loss, make_loss, preset, train
+from cleanbackdoor.training import asymmetric_loss, make_loss, train
+from cleanbackdoor.recipes import PRESETS, TrainConfig, preset
 
 
 def asl_by_hand(z, y, gamma_neg=4.0, gamma_pos=0.0, clip=0.05):

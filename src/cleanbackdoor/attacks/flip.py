@@ -91,16 +91,15 @@ from tqdm.auto import tqdm
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
                                         format_validation_error, resolve_budget)
-from cleanbackdoor.cache import FLIP, compute_once, save_atomic
-from cleanbackdoor.config import fingerprint, stable_key
+from cleanbackdoor.cache import FLIP, compute_once, fingerprint, save_atomic, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.executor import Job, Serial
 from cleanbackdoor.metrics import accuracy, asr_eligible, attack_success_rate
 from cleanbackdoor.models import build_model
-from cleanbackdoor.training import (PRESETS, FrozenFeatures, TrainConfig, predict, resolve_device, train,
-                                    trainable_parameters)
+from cleanbackdoor.training import FrozenFeatures, predict, resolve_device, train, trainable_parameters
+from cleanbackdoor.recipes import PRESETS, TrainConfig
 from cleanbackdoor.triggers import Trigger
 
 

@@ -78,8 +78,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
-from cleanbackdoor.cache import HIDDEN_TRIGGER, compute_once, save_atomic
-from cleanbackdoor.config import fingerprint, stable_key
+from cleanbackdoor.cache import HIDDEN_TRIGGER, compute_once, fingerprint, save_atomic, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.errors import ConfigError

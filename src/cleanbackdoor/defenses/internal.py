@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.cache import DEFENSES, FEATURES, compute_once
-from cleanbackdoor.config import fingerprint, scale_milestones, stable_key
+from cleanbackdoor.cache import DEFENSES, FEATURES, compute_once, fingerprint, stable_key
+from cleanbackdoor.recipes import scale_milestones
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, to_nchw, to_tensor
 from cleanbackdoor.defenses.base import DefenseContext

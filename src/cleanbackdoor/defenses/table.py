@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config, stable_key
+from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config
+from cleanbackdoor.cache import stable_key
 from cleanbackdoor.data import source_fingerprint
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.executor import Executor, Job, Serial
