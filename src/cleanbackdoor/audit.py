@@ -50,10 +50,13 @@ from cleanbackdoor.defenses.internal import (
     defender_recipe,
     penultimate_features,
     percentile_ranks,
+    probabilities,
     train_defender_model,
 )
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.pretrain import build_victim, model_key
+from cleanbackdoor.report import plt
+from cleanbackdoor.training import resolve_device
 
 DEFAULT_DETECTORS = ("spectral", "activation_clustering", "confident_learning")
 
@@ -241,8 +244,6 @@ def _thumb(image: np.ndarray, path: Path, size: int = 64) -> None:
 
 
 def _grid(images: np.ndarray, titles: Sequence[str], path: Path, title: str, cols: int = 8) -> None:
-    from cleanbackdoor.report import plt
-
     n = len(images)
     if n == 0:
         return
@@ -425,9 +426,6 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
     net.load_state_dict(weights)
     if loaded:
         log(f"audit model: loaded from cache {path}")
-    from cleanbackdoor.defenses.internal import probabilities
-    from cleanbackdoor.training import resolve_device
-
     net.to(resolve_device(cfg.device)).eval()
     fit_probs = probabilities(net, data.images, data.multilabel, context.feature_cache)
     train_fit = (float((fit_probs.argmax(1) == data.labels).mean()) if not data.multilabel

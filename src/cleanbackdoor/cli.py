@@ -160,7 +160,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 def cmd_defense_table(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cleanbackdoor.defenses.table import run_table
+    from cleanbackdoor.experiment.defense_table import run_table
 
     fields = {"data.root": args.root, "seed": args.seed, "device": args.device}
     if args.quiet:

@@ -15,81 +15,23 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
+from cleanbackdoor.attacks import ATTACKS, recipe, require_recipe
+from cleanbackdoor.attacks.base import format_validation_error
 from cleanbackdoor.cache import default_root
+from cleanbackdoor.defenses import build_defenses, defense_spec
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.recipes import TrainConfig, expand_preset, preset
+from cleanbackdoor.specs import DataConfig, ModelConfig
 from cleanbackdoor.training import resolve_device
 
 # The training recipe a dataset gets when the config names none.
 DEFAULT_PRESET = {"digits": "digits", "mnist": "digits", "cifar10": "cifar-fast", "cifar100": "cifar-fast",
                   "folder": "cifar-fast"}
 DEFAULT_MODEL = {"digits": {"name": "convnet", "options": {"width": 32}}}
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = "digits"
-    root: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
-    # a seeded class-balanced subset, for fast runs; or a count per class, e.g. {dog = 1900, horse = 2700}: the
-    # hidden trigger's poisons then come on top of 1,900 clean horses (the paper's composition), not out of them
-    train_per_class: PositiveInt | dict[int | str, PositiveInt] | None = None
-    test_per_class: int | None = Field(None, ge=1)
-    # the task's classes, by name or index, relabelled 0..k-1 in this order (None: all classes of the dataset)
-    classes: list[int | str] | None = Field(None, min_length=2)
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        return _without_defaults(self, handler(self), ("classes",))
-
-
-class PretrainConfig(BaseModel):
-    """A feature extractor the toolkit pretrains itself on a *source task* (see :mod:`cleanbackdoor.pretrain`):
-    the victim's architecture trained on ``classes`` of ``dataset`` with recipe ``train``, cached under a key of
-    exactly these inputs. The victim then starts from its weights with a fresh head (``train.finetune``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    dataset: str | None = None  # None: the experiment's dataset (name, root and options)
-    root: str | None = None  # None: the experiment's data root
-    options: dict[str, Any] = Field(default_factory=dict)
-    classes: list[int | str] | None = Field(None, min_length=2)  # the source task (None: every class)
-    per_class: int | None = Field(None, ge=1)  # a seeded class-balanced subset of the source task
-    train: TrainConfig = Field(default_factory=lambda: preset("cifar-fast"))
-    seed: int = Field(0, ge=0)
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _expand_preset(cls, value: Any) -> Any:
-        return expand_preset(value)
-
-    @model_validator(mode="after")
-    def _check(self) -> PretrainConfig:
-        if self.train.finetune != "all":
-            raise ValueError("the pretraining recipe trains the whole network (train.finetune = 'all')")
-        return self
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = "convnet"
-    options: dict[str, Any] = Field(default_factory=dict)
-    pretrained: PretrainConfig | None = None  # start from a feature extractor pretrained on a source task
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler: Any) -> dict[str, Any]:
-        return _without_defaults(self, handler(self), ("pretrained",))
-
-
-def _without_defaults(model: BaseModel, data: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    """Leave optional fields added later out of dumps while they hold their default, so the cache keys of
-    configs that do not use them (clean models, FLIP experts) stay what they were."""
-    for name in fields:
-        if getattr(model, name) == type(model).model_fields[name].default:
-            data.pop(name, None)
-    return data
 
 
 class ExperimentConfig(BaseModel):
@@ -117,10 +59,6 @@ class ExperimentConfig(BaseModel):
     @field_validator("defenses", mode="before")
     @classmethod
     def _defenses_known(cls, value: Any) -> Any:
-        from cleanbackdoor.defenses import build_defenses, defense_spec  # noqa: PLC0415 - torch only when used
-
-        from pydantic_core import PydanticCustomError  # noqa: PLC0415
-
         if not isinstance(value, list):
             raise PydanticCustomError("defenses", 'a list of defenses, e.g. [{name = "spectral"}, "strip"]')
         try:
@@ -136,8 +74,6 @@ class ExperimentConfig(BaseModel):
         try:
             resolve_device(value)
         except ConfigError as e:
-            from pydantic_core import PydanticCustomError  # noqa: PLC0415
-
             raise PydanticCustomError("device", str(e)) from None
         return value
 
@@ -220,8 +156,6 @@ def recipe_base(given: dict[str, Any], key: str | None = None) -> tuple[dict[str
     attack it names (``DEFAULT_ATTACK`` when none) for the dataset it names (digits when none), or, where the
     attack has no recipe for that dataset, the attack's own defaults. ``key`` names another recipe of the attack
     (an error when it has none)."""
-    from cleanbackdoor.attacks import ATTACKS, recipe, require_recipe  # noqa: PLC0415 - the attacks import torch
-
     attack = (given.get("attack") or {}).get("name") or DEFAULT_ATTACK
     dataset = (given.get("data") or {}).get("name") or "digits"
     if attack not in ATTACKS:  # the config's validation names the allowed attacks
@@ -257,8 +191,6 @@ def read_toml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(parent, str):
         raise ConfigError(f"config file {path}: extends takes the path of another config file")
     if parent.startswith("recipe:"):  # an attack's recipe: "recipe:flip/digits"
-        from cleanbackdoor.attacks import require_recipe  # noqa: PLC0415 - the attacks import torch
-
         attack, _, key = parent.removeprefix("recipe:").partition("/")
         if not key:
             raise ConfigError(f"config file {path}: extends = 'recipe:ATTACK/DATASET', got {parent!r}")
@@ -285,8 +217,6 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig(**raw)
     except ValidationError as e:
-        from cleanbackdoor.attacks.base import format_validation_error
-
         raise ConfigError(f"config: {format_validation_error(e)}") from None
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from cleanbackdoor.cache import compute_once, entry_lock, model_file, save_atomic, seeded, stable_key
-from cleanbackdoor.config import ModelConfig, PretrainConfig
+from cleanbackdoor.specs import ModelConfig, PretrainConfig
 from cleanbackdoor.data import ImageSet, load_dataset, select_classes, source_fingerprint, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError

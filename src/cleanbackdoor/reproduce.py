@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cleanbackdoor.attacks import require_recipe
 from cleanbackdoor.config import merge_configs, validate_config
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.executor import Executor, Job, Serial
+from cleanbackdoor.experiment import experiment_metrics, finished_metrics
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,6 @@ MISSING: dict[str, dict[str, str]] = {
 
 def row_config(row: Row, roots: dict[str, str], fields: dict[str, Any]) -> dict[str, Any]:
     """The resolved config dict of one row: its recipe, the data root of its dataset, the common fields."""
-    from cleanbackdoor.attacks import require_recipe  # noqa: PLC0415 - the attacks import torch
-
     raw = require_recipe(row.attack, row.recipe)
     name = raw["data"]["name"]
     root = roots.get(name) or roots.get(name.removesuffix("-mosaic"))
@@ -111,8 +111,6 @@ def run_reproduce(scale: str, out: str | Path | None = None, roots: dict[str, st
     """Run (or read back) every row of ``scale``; write ``reproduce.md``, ``reproduce.json`` and
     ``reproduce.png`` to ``out``; return the rows. ``executor``: how the rows run (:mod:`cleanbackdoor.executor`;
     default one after another)."""
-    from cleanbackdoor.experiment import experiment_metrics, finished_metrics  # noqa: PLC0415 - torch when running
-
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
     roots = dict(roots or {})

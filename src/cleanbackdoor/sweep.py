@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cleanbackdoor.attacks import ATTACKS
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.executor import Executor, Job, Serial
@@ -165,7 +166,5 @@ def _mean_clean(cleans: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _attack_defaults(cfg: ExperimentConfig) -> dict[str, Any]:
-    from cleanbackdoor.attacks import ATTACKS
-
     params = ATTACKS[cfg.attack_name].Params()
     return params.model_dump(mode="json")

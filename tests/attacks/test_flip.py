@@ -11,7 +11,8 @@ from cleanbackdoor.attacks.flip import (FunctionalSGD, LabelData, chunked_matchi
                                         distillation_labels, expert_recipe, is_checkpoint, margin_scores,
                                         matching_loss_and_label_grad, optimize_labels, poisoned_training_set,
                                         select_flips, train_expert)
-from cleanbackdoor.config import ModelConfig, load_config
+from cleanbackdoor.config import load_config
+from cleanbackdoor.specs import ModelConfig
 from cleanbackdoor.data import ImageSet
 from cleanbackdoor.data.transforms import Augment
 from cleanbackdoor.errors import BudgetError, ConfigError

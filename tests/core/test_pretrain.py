@@ -9,7 +9,8 @@ import torch
 
 from cleanbackdoor.cache import model_file
 from cleanbackdoor.cli import main
-from cleanbackdoor.config import ModelConfig, load_config
+from cleanbackdoor.config import load_config
+from cleanbackdoor.specs import ModelConfig
 from cleanbackdoor.data import ImageSet, load_dataset
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.models import build_model

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cleanbackdoor import experiment
+from cleanbackdoor.experiment import defense_stage, run  # noqa: F401 - the modules the test patches
 from cleanbackdoor.cli import main
 from cleanbackdoor.config import load_config
 from cleanbackdoor.errors import ConfigError
@@ -41,7 +42,8 @@ def test_removal_retrains_on_exactly_the_unflagged_examples(tmp_path, monkeypatc
         sizes.append(len(images))
         return real(cfg, train_set, images, targets, **kw)
 
-    monkeypatch.setattr(experiment, "train_model", spy)
+    monkeypatch.setattr(experiment.run, "train_model", spy)  # the victim's training
+    monkeypatch.setattr(experiment.defense_stage, "train_model", spy)  # the retraining after removal
     cfg = load_config(None, FAST + [f"out={tmp_path / 'run'}",
                                     'defenses=[{name="spectral", epsilon=0.2}, "strip"]'])
     result = experiment.run_experiment(cfg, echo=False)
@@ -129,7 +131,7 @@ def test_list_defenses(capsys):
 def test_table_rows_key_the_data_by_their_files(tmp_path, monkeypatch):
     """A row names its data by a hash of the files: the same folder written relative or absolute is one experiment
     (its run is reused), another folder's bytes another."""
-    from cleanbackdoor.defenses.table import experiment_key
+    from cleanbackdoor.experiment.defense_table import experiment_key
 
     root = tmp_path / "data" / "cifar-10-batches-py"
     root.mkdir(parents=True)

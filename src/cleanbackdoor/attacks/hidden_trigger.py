@@ -83,6 +83,7 @@ from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.metrics import accuracy
+from cleanbackdoor.pretrain import pretrain_key, pretrained_model
 from cleanbackdoor.training import FrozenFeatures, predict, resolve_device
 from cleanbackdoor.triggers import PatchTrigger
 
@@ -397,8 +398,6 @@ class HiddenTrigger(Attack):
         if model_cfg is None or getattr(model_cfg, "pretrained", None) is None:
             raise ConfigError(f"attack {self.name!r} attacks a transfer-learning victim: configure the feature "
                               "extractor it fine-tunes (model.pretrained, a source task) or pass extractor=...")
-        from cleanbackdoor.pretrain import pretrain_key, pretrained_model  # here: the pretrain module imports config
-
         if ctx.victim is not None:  # its head is fresh and unused: only ``features`` is read
             victim = ctx.victim(seed)
             victim.source_task = {"key": pretrain_key(model_cfg)}

@@ -3,8 +3,8 @@
 Modules, one method each: :mod:`.spectral` (spectral signatures, Tran et al. 2018), :mod:`.activation_clustering`
 (Chen et al. 2018), :mod:`.strip` (STRIP, Gao et al. 2019, inference time), :mod:`.confident_learning`
 (cleanlab's confident learning for label errors); :mod:`.base` holds the contract, :mod:`.metrics` the detection
-figures, :mod:`.stage` the experiment's defenses stage, :mod:`.table` the attack x defense table,
-:mod:`.internal` private helpers.
+figures, :mod:`.internal` private helpers. The experiment's defenses stage and the attack x defense table run them
+(:mod:`cleanbackdoor.experiment.defense_stage`, :mod:`cleanbackdoor.experiment.defense_table`).
 """
 
 from __future__ import annotations

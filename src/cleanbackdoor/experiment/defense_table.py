@@ -1,7 +1,7 @@
 """The attack x defense table: one row per experiment config (any attack), one column per defense.
 
 Every row is an ordinary experiment with a ``defenses = [...]`` key, measured by the same code
-(:func:`cleanbackdoor.defenses.stage.run_defenses`). Rows are expensive, so nothing is computed twice:
+(:func:`cleanbackdoor.experiment.defense_stage.run_defenses`). Rows are expensive, so nothing is computed twice:
 
 1. a row whose result is already in ``OUT/rows/<name>.json`` under the same key (the resolved config, defenses
    included, less the keys that do not change results: out, progress, device, examples, cache_dir; the data
@@ -28,14 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config
+from cleanbackdoor.attacks import AttackContext, Poisoning, build_attack
 from cleanbackdoor.cache import stable_key
+from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config
 from cleanbackdoor.data import source_fingerprint
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.executor import Executor, Job, Serial
-from cleanbackdoor.experiment import to_json_value
+from cleanbackdoor.experiment.defense_stage import run_defenses
+from cleanbackdoor.experiment.run import run_experiment, to_json_value
+from cleanbackdoor.experiment.stages import load_data, new_model
 from cleanbackdoor.pretrain import model_key
 from cleanbackdoor.report import percent
+from cleanbackdoor.training import resolve_device
 
 VOLATILE = ("out", "progress", "device", "examples", "cache_dir")
 
@@ -71,11 +75,6 @@ def defend_run(cfg: ExperimentConfig, run_dir: Path, *, log: Callable[[str], Non
                work_dir: Path | None = None) -> dict[str, Any]:
     """Run ``cfg.defenses`` against the victim of a completed run in ``run_dir`` (read only); returns the run's
     figures with ``defenses`` added."""
-    from cleanbackdoor.attacks import AttackContext, Poisoning, build_attack  # noqa: PLC0415
-    from cleanbackdoor.defenses.stage import run_defenses  # noqa: PLC0415
-    from cleanbackdoor.experiment import load_data, new_model  # noqa: PLC0415
-    from cleanbackdoor.training import resolve_device  # noqa: PLC0415
-
     attack = build_attack(cfg.attack_name, {k: v for k, v in cfg.attack.items() if k != "name"})
     splits = load_data(cfg)
     train_set = splits.train
@@ -105,8 +104,6 @@ def defend_run(cfg: ExperimentConfig, run_dir: Path, *, log: Callable[[str], Non
 
 def row_metrics(cfg: ExperimentConfig, name: str, out: Path, *, log: Callable[[str], None] = print) -> dict:
     """The figures of one row: reused from ``out/rows``, from the config's completed run, or a fresh run."""
-    from cleanbackdoor.experiment import run_experiment  # noqa: PLC0415
-
     if not cfg.defenses:
         raise ConfigError(f"row {name!r} lists no defenses: add `defenses = [...]` to its config or "
                           "--set 'defenses=[\"spectral\"]'")

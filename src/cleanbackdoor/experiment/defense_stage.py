@@ -5,7 +5,7 @@ what the victim trained on (poisoned images where the attack changed pixels, the
 labels for soft poisonings). The detection is scored against the attack's true mask (precision, recall, ROC AUC:
 :mod:`.metrics`); with ``retrain`` on, the flagged examples are removed and the victim is retrained with the same
 architecture, recipe and seed, then CTA and ASR are measured exactly as for the victim
-(:func:`cleanbackdoor.experiment.evaluate`).
+(:func:`cleanbackdoor.experiment.stages.evaluate`).
 
 For an *inference* defense (STRIP) the test set is split in two halves (seeded): the first is the defender's clean
 held-out set (overlays and the entropy boundary), the second is presented to the deployed victim twice, clean and
@@ -31,6 +31,8 @@ from torch import nn
 from cleanbackdoor.data import ImageSet, Splits
 from cleanbackdoor.defenses import Defense, DefenseContext, build_defenses, detection_metrics
 from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.experiment.stages import evaluate, frozen_features, new_model, train_model
+from cleanbackdoor.training import predict
 
 
 def _keys(defenses: list[Defense]) -> list[str]:
@@ -51,8 +53,6 @@ def _small(meta: dict[str, Any]) -> dict[str, Any]:
 def run_defenses(cfg: Any, splits: Splits, attack: Any, poisoning: Any, model: nn.Module, *,
                  log: Callable[[str], None] = print, work_dir: Path | None = None) -> dict[str, Any]:
     """Run ``cfg.defenses`` against ``model`` (trained on ``poisoning`` of ``splits.train``); returns the figures."""
-    from cleanbackdoor.experiment import evaluate, frozen_features, new_model, train_model  # noqa: PLC0415
-
     defenses = build_defenses(cfg.defenses)
     train_set, test_set = splits.train, splits.test
     images, targets = poisoning.apply(train_set)
@@ -110,8 +110,6 @@ def strip_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _inference(defense: Defense, model: nn.Module, test: ImageSet, attack: Any, poisoning: Any, seed: int,
                context: DefenseContext) -> dict[str, Any]:
-    from cleanbackdoor.training import predict  # noqa: PLC0415
-
     if test.multilabel or poisoning.activation is None or poisoning.target is None:
         why = "multi-label data" if test.multilabel else "the attack has no test-time trigger with a single target"
         context.log(f"defense {defense.name}: skipped ({why})")
