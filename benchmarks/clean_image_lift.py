@@ -1,0 +1,65 @@
+"""Where the clean-image backdoor's test-time lift lands, and what the victim does with it: one finished run.
+
+For each step rule, over the modified-input test images (true class not the target, score below tau): the share
+whose lifted score reaches tau and the expectation e, the ASR among those that reach tau, among those that do not,
+and by quintile of the lifted score; next to it the NASR (images above tau unmodified) and the victim's rate on
+the same images unmodified. A victim that learned "score >= tau -> target" sends the lifted images that reach tau
+to the target about as often as the natural ones (NASR); one that learned what high-scoring training images look
+like does not.
+
+    PYTHONPATH=src python benchmarks/clean_image_lift.py RUN_FOLDER [--steps minimal,maximal,authors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cleanbackdoor.attacks.base import Poisoning
+from cleanbackdoor.attacks.clean_image import STEPS, CleanImageActivation
+from cleanbackdoor.config import load_config
+from cleanbackdoor.experiment import load_data, new_model
+from cleanbackdoor.training import predict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a finished clean_image run (config.toml, poisoning.*, model.pt)")
+    ap.add_argument("--steps", default="minimal,maximal", help=f"step rules, comma-separated ({', '.join(STEPS)})")
+    args = ap.parse_args()
+    cfg = load_config(args.run / "config.toml")
+    splits = load_data(cfg)
+    test = splits.test
+    poisoning = Poisoning.load(args.run)
+    act = CleanImageActivation.from_params(json.loads((args.run / "poisoning.json").read_text())["activation"])
+    model = new_model(cfg, splits.train, cfg.seed)
+    model.load_state_dict(torch.load(args.run / "model.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    target, tau, e = poisoning.target, act.threshold, act.expectation
+    score = act.feature.score(test.images)
+    modified = (test.labels != target) & (score < tau)
+    natural = (test.labels != target) & (score >= tau)
+    x = test.images[modified]
+    print(f"{args.run}: {int(modified.sum())} modified-input images, {int(natural.sum())} natural ones; "
+          f"tau {tau:.3f}, e {e:.3f}, norm {act.norm}")
+    print(f"NASR {np.mean(predict(model, test.images[natural]) == target):.3f}; the modified-input images "
+          f"unmodified -> target: {np.mean(predict(model, x) == target):.3f}")
+    for step in args.steps.split(","):
+        lifted = act.feature.lift(x, e, act.norm, step)
+        g = act.feature.score(lifted)
+        hit = predict(model, lifted) == target
+        reach = g >= tau
+        print(f"{step:11s}: ASR {hit.mean():.3f}; reached tau {reach.mean():.3f} (e {np.mean(g >= e):.3f}); ASR among "
+              f"those {hit[reach].mean() if reach.any() else float('nan'):.3f}, among the rest "
+              f"{hit[~reach].mean() if (~reach).any() else float('nan'):.3f}")
+        edges = np.quantile(g, np.linspace(0, 1, 6))
+        cells = [f"{a:.1f}..{b:.1f}: {hit[(g >= a) & (g <= b)].mean():.3f}" for a, b in zip(edges[:-1], edges[1:])]
+        print("             ASR by quintile of the lifted score: " + "; ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
