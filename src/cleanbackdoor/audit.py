@@ -45,7 +45,7 @@ from cleanbackdoor.data import DATASETS, ImageSet, load_dataset, load_folder_spl
 from cleanbackdoor.data.archive import is_archive
 from cleanbackdoor.data.folder import find_split_root
 from cleanbackdoor.defenses import DefenseContext, build_defenses, defense_spec
-from cleanbackdoor.defenses.confident_learning import ConfidentLearning
+from cleanbackdoor.defenses.base import result_keys
 from cleanbackdoor.defenses.internal import (
     defender_recipe,
     penultimate_features,
@@ -274,8 +274,9 @@ def _label_text(labels: np.ndarray, i: int, names: Sequence[str]) -> str:
     return names[int(labels[i])]
 
 
-def write_report(out: Path, summary: dict[str, Any], data: ImageSet, predicted: np.ndarray | None) -> None:
-    """report.md, report.html, thumbs/, suspicious.png and patterns/ from the audit's summary."""
+def write_report(out: Path, summary: dict[str, Any], data: ImageSet) -> None:
+    """report.md, report.html, thumbs/, suspicious.png and patterns/ from the audit's summary (which carries the
+    predicted labels of the examples it shows)."""
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     (out / "patterns").mkdir(exist_ok=True)
     names = data.class_names
@@ -433,13 +434,13 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
 
     results, ranks = {}, []
     probs = None
-    for d in detectors:
+    for key, d in zip(result_keys([d.name for d in detectors]), detectors):  # a repeated name gets -2, -3 ...
         det = d.detect(data, net, seed=seed, context=context)
-        results[d.name] = det
+        results[key] = det
         ranks.append(percentile_ranks(det.scores))
-        if isinstance(d, ConfidentLearning):
-            probs = d.last_probabilities
-        log(f"audit: {d.name} flags {det.num_flagged} of {len(data)} examples")
+        if probs is None and "probabilities" in det.diagnostics:  # confident learning's out-of-sample ones
+            probs = det.diagnostics["probabilities"]
+        log(f"audit: {key} flags {det.num_flagged} of {len(data)} examples")
     suspicion = np.mean(ranks, axis=0)
     n_flags = np.sum([r.flagged for r in results.values()], axis=0)
     order = np.lexsort((-suspicion, -n_flags))[:top]
@@ -495,7 +496,7 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
                       for (k, r), d in zip(results.items(), detectors)},
         "most_suspicious": most, "patterns": patterns, "patterns_note": note,
     }
-    write_report(out, summary, data, predicted)
+    write_report(out, summary, data)
     np.savez_compressed(out / "scores.npz", suspicion=suspicion, flags=n_flags,
                         **{f"{k}/scores": r.scores for k, r in results.items()},
                         **{f"{k}/flagged": r.flagged for k, r in results.items()})

@@ -98,3 +98,14 @@ def test_audit_input_errors(argv, message, capsys, tmp_path, monkeypatch):
     assert main(argv + ["--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_two_detectors_of_one_name_both_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "report"
+    assert main(["audit", "digits", "--out", str(out), "--quiet", "--set", "train.epochs=3",
+                 "--defense", "spectral", "--defense", '{name = "spectral", epsilon = 0.3}']) == 0
+    detectors = json.loads((out / "audit.json").read_text())["detectors"]
+    assert set(detectors) == {"spectral", "spectral-2"}
+    assert detectors["spectral"] != detectors["spectral-2"]  # two settings, two results
+    assert list((tmp_path / "cache" / "audit").glob("model-*.pt"))  # the audit model went into the cache

@@ -98,7 +98,7 @@ def test_cross_validated_probabilities_are_cached_and_deterministic(digits, flip
     assert list((tmp_path / "defenses").glob("cv-*.npz"))
     b = cl.detect(data, model, seed=0, context=ctx)  # from the cache
     assert np.array_equal(a.scores, b.scores) and np.array_equal(a.flagged, b.flagged)
-    probs = cl.last_probabilities
+    probs = a.diagnostics["probabilities"]
     assert probs.shape == (len(data), 10) and np.allclose(probs.sum(1), 1)
 
 

@@ -80,6 +80,8 @@ class Detection:
     flagged: np.ndarray
     threshold: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # arrays a caller may use beyond the detection (confident learning's out-of-sample probabilities, (N, K))
+    diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -96,6 +98,16 @@ class Detection:
     @property
     def num_flagged(self) -> int:
         return int(self.flagged.sum())
+
+
+def result_keys(names: list[str]) -> list[str]:
+    """One result key per defense: its name, with -2, -3 ... when a name is repeated (with other options)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return keys
 
 
 class Defense(Configured, ABC):

@@ -27,7 +27,8 @@ Arguments (``ConfidentLearningParams``):
     retrain: retrain without the flagged examples in an experiment (default True).
 
 Shapes: ``data`` an ImageSet with labels (N,) or (N, K); returns scores (N,) and flagged (N,); the
-out-of-sample probabilities (N, K) are kept on the defense as ``last_probabilities`` for the audit.
+out-of-sample probabilities (N, K) are returned in the detection's ``diagnostics["probabilities"]`` (the audit reads
+them).
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ class ConfidentLearning(Defense):
         """The detection from given labels and out-of-sample probabilities (N, K)."""
         p = self.params
         mask, scores = label_issues(labels, probs, filter_by=p.filter_by, rank_by=p.rank_by)
-        self.last_probabilities = probs
         labels = np.asarray(labels)
         meta = {"out_of_sample_accuracy": float((probs.argmax(1) == labels).mean()) if labels.ndim == 1 else None}
-        return Detection(self.name, scores, mask, None, meta)
+        return Detection(self.name, scores, mask, None, meta, diagnostics={"probabilities": probs})

@@ -30,19 +30,10 @@ from torch import nn
 
 from cleanbackdoor.data import ImageSet, Splits
 from cleanbackdoor.defenses import Defense, DefenseContext, build_defenses, detection_metrics
+from cleanbackdoor.defenses.base import result_keys
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.experiment.stages import evaluate, frozen_features, new_model, train_model
 from cleanbackdoor.training import predict
-
-
-def _keys(defenses: list[Defense]) -> list[str]:
-    """One result key per defense: its name, with -2, -3 ... when a name is repeated with other options."""
-    seen: dict[str, int] = {}
-    keys = []
-    for d in defenses:
-        seen[d.name] = seen.get(d.name, 0) + 1
-        keys.append(d.name if seen[d.name] == 1 else f"{d.name}-{seen[d.name]}")
-    return keys
 
 
 def _small(meta: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +54,7 @@ def run_defenses(cfg: Any, splits: Splits, attack: Any, poisoning: Any, model: n
                              model_factory=lambda seed: new_model(cfg, train_set, seed))
     results: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
-    for key, defense in zip(_keys(defenses), defenses):
+    for key, defense in zip(result_keys([d.name for d in defenses]), defenses):
         t0 = time.perf_counter()
         if defense.kind == "inference":
             entry = _inference(defense, model, test_set, attack, poisoning, cfg.seed, context)
