@@ -75,8 +75,6 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 
 # -- writing entries ------------------------------------------------------------------------------------------
-
-
 def save_atomic(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file of this process, then rename: a kill never leaves a half-written file at
     ``path``, and two processes writing the same entry never write into one file."""
