@@ -419,11 +419,8 @@ def run_audit(dataset: str, *, root: str | None = None, labels: str | None = Non
                                        desc="audit model")
         return {k: v.cpu() for k, v in trained.state_dict().items()}
 
-    def save(weights: dict[str, torch.Tensor], p: Path) -> None:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(weights, p)
-
-    weights, loaded = compute_once(path, fit, lambda p: torch.load(p, map_location="cpu", weights_only=True), save)
+    weights, loaded = compute_once(path, fit, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                                   save_atomic)
     net.load_state_dict(weights)
     if loaded:
         log(f"audit model: loaded from cache {path}")

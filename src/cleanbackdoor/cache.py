@@ -101,7 +101,8 @@ def compute_once(path: Path | None, compute: Callable[[], T], load: Callable[[Pa
                  save: Callable[[T, Path], None]) -> tuple[T, bool]:
     """``(value, loaded)``: the entry at ``path`` loaded when it exists, else computed, saved and returned. Between
     processes sharing the cache, under the entry's lock: one computes, the others wait and load its result.
-    ``path`` None: computed without a cache. ``save`` must write atomically (:func:`save_atomic`)."""
+    ``path`` None: computed without a cache. ``save`` must write atomically (:func:`save_atomic`); the entry's
+    folder exists when it is called (the lock file lives there)."""
     if path is None:
         return compute(), False
     if path.exists():

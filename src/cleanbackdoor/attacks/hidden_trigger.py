@@ -459,11 +459,7 @@ class HiddenTrigger(Attack):
                          FrozenFeatures.extractor_key(extractor), p.model_dump(mode="json", exclude={"log_every"}))
         path = Path(ctx.cache_dir) / HIDDEN_TRIGGER / f"poisons-{key}.pt" if ctx.cache_dir else None
 
-        def save(value: dict[str, Any], path: Path) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_atomic(value, path)
-
-        found, loaded = compute_once(path, optimize, lambda path: torch.load(path, weights_only=True), save)
+        found, loaded = compute_once(path, optimize, lambda path: torch.load(path, weights_only=True), save_atomic)
         images = found["images"].numpy()
         diff = np.abs(images.astype(np.int16) - targets_u8.astype(np.int16))
         mask = np.zeros(len(train), dtype=bool)

@@ -114,7 +114,6 @@ def cached_array(path: Path | None, compute: Callable[[], np.ndarray], context: 
             return z["array"]
 
     def save(array: np.ndarray, p: Path) -> None:
-        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f"{p.stem}.{os.getpid()}.tmp.npz")  # a file of this process: concurrent writers
         np.savez_compressed(tmp, array=array)
         tmp.replace(p)

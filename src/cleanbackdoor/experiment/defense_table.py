@@ -102,11 +102,15 @@ def defend_run(cfg: ExperimentConfig, run_dir: Path, *, log: Callable[[str], Non
     return metrics
 
 
-def row_metrics(cfg: ExperimentConfig, name: str, out: Path, *, log: Callable[[str], None] = print) -> dict:
-    """The figures of one row: reused from ``out/rows``, from the config's completed run, or a fresh run."""
+def _require_defenses(cfg: ExperimentConfig, name: str) -> None:
     if not cfg.defenses:
         raise ConfigError(f"row {name!r} lists no defenses: add `defenses = [...]` to its config or "
                           "--set 'defenses=[\"spectral\"]'")
+
+
+def row_metrics(cfg: ExperimentConfig, name: str, out: Path, *, log: Callable[[str], None] = print) -> dict:
+    """The figures of one row: reused from ``out/rows``, from the config's completed run, or a fresh run."""
+    _require_defenses(cfg, name)
     key = experiment_key(cfg)
     row_file = out / "rows" / f"{name}.json"
     if row_file.is_file():
@@ -233,9 +237,7 @@ def run_table(paths: Sequence[str], out: Path, *, overrides: Sequence[str] = (),
         cfg = load_config(source, list(overrides), **(fields or {}))
         if p.is_dir():
             cfg = cfg.model_copy(update={"out": str(p)})
-        if not cfg.defenses:  # checked for every row before any runs
-            raise ConfigError(f"row {name!r} lists no defenses: add `defenses = [...]` to its config or "
-                              "--set 'defenses=[\"spectral\"]'")
+        _require_defenses(cfg, name)  # every row is checked before any runs
         plan.append((path, name, cfg))
     jobs = [Job(f"row {name}", row_metrics, (cfg, name, out)) for _, name, cfg in plan]
     rows = [{"name": name, "config": str(path), "metrics": metrics}

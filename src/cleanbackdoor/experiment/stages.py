@@ -81,8 +81,7 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    """A model's weights, on the CPU, written atomically into the cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A model's weights, on the CPU, written atomically into the cache (``compute_once``'s save)."""
     save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, path)
 
 
