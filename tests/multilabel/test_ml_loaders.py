@@ -220,3 +220,20 @@ def test_coco_finds_other_split_names_and_drops_an_empty_placeholder_category(tm
     (tmp_path / "annotations" / "instances_test.json").unlink()
     with pytest.raises(DataError, match="it has: instances_train.json"):
         load_dataset("coco", root=tmp_path, size=(6, 6))
+
+
+def test_coco_joins_splits_named_with_a_plus(tmp_path):
+    """test = "val+test": both splits, val's images first, with their image ids; a missing part is named."""
+    doc = coco_doc()
+    (tmp_path / "annotations").mkdir()
+    for split, value in (("train", 0), ("val", 100), ("test", 200)):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+        for i, f in enumerate(("a.jpg", "b.jpg", "c.jpg")):
+            write_image(tmp_path / split / f, value + 20 * i)
+    splits = load_dataset("coco", root=tmp_path, train="train", test="val+test", size=(6, 6))
+    assert len(splits.train) == 2 and len(splits.test) == 4
+    assert splits.test.labels.tolist() == splits.train.labels.tolist() * 2
+    assert splits.test.images[:, 0, 0, 0].tolist() == [100, 140, 200, 240]  # b.jpg has no object
+    assert len(splits.test.meta["ids"]) == 4
+    with pytest.raises(DataError, match=r"instances_\{train,val\+tst\}.json; it has: instances_test.json"):
+        load_dataset("coco", root=tmp_path, train="train", test="val+tst", size=(6, 6))

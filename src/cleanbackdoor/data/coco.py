@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cleanbackdoor.data.folder import decode_images
 from cleanbackdoor.data.imageset import ImageSet, Splits
 from cleanbackdoor.data.folder import check_size
@@ -98,7 +100,8 @@ SPLIT_NAMES = (("train2017", "val2017"), ("train", "test"), ("train", "val"))
 
 def load_coco_splits(root: str | Path, train: str | None = None, test: str | None = None, *,
                      size: int | Sequence[int] | None = None, keep_empty: bool = False) -> Splits:
-    """``root/annotations/instances_<train>.json`` + ``root/<train>/`` and the same for ``test``.
+    """``root/annotations/instances_<train>.json`` + ``root/<train>/`` and the same for ``test``; a split named
+    ``a+b`` is splits ``a`` and ``b`` one after the other (e.g. ``test = "val+test"`` evaluates on both).
 
     Without ``train`` and ``test``, the first of :data:`SPLIT_NAMES` whose two annotation files exist. Categories
     that no image of either split carries (the empty placeholder category some labelling tools export) are left
@@ -107,7 +110,7 @@ def load_coco_splits(root: str | Path, train: str | None = None, test: str | Non
     pairs = list(dict.fromkeys(pairs))
 
     def found(p: Path) -> bool:
-        return any((p / "annotations" / f"instances_{a}.json").is_file() for a, _ in pairs)
+        return any((p / "annotations" / f"instances_{a.split('+')[0]}.json").is_file() for a, _ in pairs)
 
     def looked_for() -> str:
         return " or ".join(f"annotations/instances_{{{a},{b}}}.json" for a, b in pairs)
@@ -118,13 +121,12 @@ def load_coco_splits(root: str | Path, train: str | None = None, test: str | Non
         raise DataError(f"{e} (looked for {looked_for()}; give the split names with data.options = "
                         "{train = ..., test = ...})") from None
     ann = base / "annotations"
-    pair = next(((a, b) for a, b in pairs if (ann / f"instances_{a}.json").is_file()
-                 and (ann / f"instances_{b}.json").is_file()), None)
+    pair = next(((a, b) for a, b in pairs if all((ann / f"instances_{s}.json").is_file()
+                                                  for s in (*a.split("+"), *b.split("+")))), None)
     if pair is None:
         have = ", ".join(sorted(p.name for p in ann.glob("instances_*.json"))) or "none"
         raise DataError(f"COCO: {ann} has no pair of split files {looked_for()}; it has: {have}")
-    sets = [load_coco(ann / f"instances_{s}.json", base / s, size=size, keep_empty=keep_empty, name=f"coco-{s}")
-            for s in pair]
+    sets = [_load_joined(base, s, size=size, keep_empty=keep_empty) for s in pair]
     if sets[0].class_names != sets[1].class_names:
         raise DataError(f"COCO: {pair[0]} and {pair[1]} list different categories")
     used = (sets[0].labels.sum(0) + sets[1].labels.sum(0)) > 0
@@ -135,3 +137,17 @@ def load_coco_splits(root: str | Path, train: str | None = None, test: str | Non
         names = tuple(n for n, u in zip(sets[0].class_names, used) if u)
         sets = [ImageSet(s.images, s.labels[:, used], names, s.name, {**s.meta, "notes": [note]}) for s in sets]
     return Splits(*sets)
+
+
+def _load_joined(base: Path, split: str, *, size: Any, keep_empty: bool) -> ImageSet:
+    """The split ``split`` of the COCO folder ``base``, or the splits of ``a+b`` concatenated in that order."""
+    parts = [load_coco(base / "annotations" / f"instances_{s}.json", base / s, size=size, keep_empty=keep_empty,
+                       name=f"coco-{s}") for s in split.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.class_names for p in parts}) != 1:
+        raise DataError(f"COCO: the splits of {split!r} list different categories")
+    meta = {**parts[0].meta, "source": [p.meta["source"] for p in parts],
+            "ids": [i for p in parts for i in p.meta["ids"]]}
+    return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                    parts[0].class_names, f"coco-{split}", meta)
