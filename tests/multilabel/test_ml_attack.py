@@ -7,13 +7,14 @@ import pytest
 
 from cleanbackdoor.attacks import ATTACKS, build_attack
 from cleanbackdoor.attacks.multilabel import (
+    MULTILABEL_RECIPES,
     MultiLabel,
     apply_goal,
     covered_images,
     explore_triggers,
     frequent_combinations,
 )
-from cleanbackdoor.data import ImageSet
+from cleanbackdoor.data import ImageSet, load_dataset
 from cleanbackdoor.errors import BudgetError, ConfigError
 
 # 10 images, classes A B C D (hand-counted below)
@@ -61,6 +62,14 @@ def test_exploration_on_a_hand_made_matrix():
     assert [c.classes for c in explore_triggers(LABELS, min_len=2, max_len=2, alpha=0.5, beta=0.5)] == [(0, 1)]
     assert explore_triggers(LABELS, min_len=2, max_len=4, alpha=0.6, beta=1.0) == []
     assert [c.classes for c in explore_triggers(LABELS, min_len=4, max_len=4, alpha=0.1, beta=0.1)] == [(0, 1, 2, 3)]
+    # min_lift: lifts AC 0.4/(0.7*0.6) = 0.95, BC 0.4/(0.6*0.6) = 1.11, ABC 0.3/(0.7*0.6*0.6) = 1.19, CD
+    # 0.2/(0.6*0.3) = 1.11; the bound is inclusive
+    lifted = explore_triggers(LABELS, min_len=2, max_len=3, alpha=0.2, beta=0.4, min_lift=1.0)
+    assert [c.classes for c in lifted] == [(1, 2), (0, 1, 2), (2, 3)]
+    assert [c.classes for c in explore_triggers(LABELS, min_len=2, max_len=3, alpha=0.2, beta=0.4,
+                                                min_lift=0.4 / 0.36)] == [(1, 2), (0, 1, 2), (2, 3)]
+    assert [c.classes for c in explore_triggers(LABELS, min_len=2, max_len=3, alpha=0.2, beta=0.4,
+                                                min_lift=1.15)] == [(0, 1, 2)]
 
 
 def test_mining_matches_brute_force():
@@ -171,3 +180,19 @@ def test_poisoning_is_deterministic_and_saved(tmp_path):
 
     loaded = Poisoning.load(tmp_path)
     assert np.array_equal(loaded.labels, a.labels) and loaded.metadata["trigger"] == a.metadata["trigger"]
+
+
+def test_voc_recipe_chooses_a_scene_trigger_on_real_photos(shared_data):
+    """On the VOC 2007 photos the most frequent pair, {car, person}, meets less often than chance (lift 0.94); the
+    recipe's min_lift 1.5 takes the most frequent pair that meets more often, {horse, person} (142 photos)."""
+    path = shared_data / "voc2007-coco-128.tar.gz"
+    if not path.is_file():
+        pytest.skip("voc2007-coco-128.tar.gz is not in the shared data")
+    train = load_dataset("voc2007-coco", root=path, size=(8, 8)).train
+    assert len(train) == 3488
+    plain = MultiLabel(goal="appearing", min_len=2, max_len=2, alpha=0.02, beta=0.13).poison(train)
+    assert plain.metadata["trigger_names"] == ["car", "person"] and plain.metadata["candidates"][0]["lift"] < 1
+    recipe = MultiLabel(**MULTILABEL_RECIPES["voc2007-coco"]["attack"]).poison(train)
+    assert recipe.metadata["trigger_names"] == ["horse", "person"]
+    assert recipe.metadata["trigger_train_images"] == 142 and recipe.metadata["candidates"][0]["lift"] > 1.9
+    assert recipe.metadata["add_name"] == "aeroplane" and recipe.poisoned_examples == 142
