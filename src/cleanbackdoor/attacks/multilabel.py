@@ -253,7 +253,7 @@ _CIFAR10_MOSAIC: dict[str, Any] = {
 # fine-tuned one 56), and a trigger whose categories meet more often than chance (min_lift 1.5: {horse, person},
 # 4.1% of the photos, lift 1.94), which the clean victim recognizes on 63% of val photos against 29% for the most
 # frequent pair {car, person} (docs/attacks/multilabel.md). About 8 minutes per model on 2 cores (compiled).
-_VOC2007 = {
+_VOC2007: dict[str, Any] = {
     "data": {"name": "voc2007-coco"},
     "model": {"name": "resnet20", "options": {"pool": 2, "head_hidden": [1024, 1024]},
               "pretrained": {"dataset": "cifar10", "train": {"preset": "cifar-fast", "epochs": 60}}},
