@@ -7,7 +7,12 @@ the same images unmodified. A victim that learned "score >= tau -> target" sends
 to the target about as often as the natural ones (NASR); one that learned what high-scoring training images look
 like does not.
 
+With ``--norms``, the ASR against the perturbation actually spent: for each bound, the ASR (and, with ``--clean``,
+the clean model's rate on the same lifted images) and the mean L2 and L_inf of the change in grey levels. The
+activation is test-time only, so one trained model answers for every bound.
+
     PYTHONPATH=src python benchmarks/clean_image_lift.py RUN_FOLDER [--steps minimal,maximal,authors]
+        [--norms 0.1,0.25,0.5,1,2 --clean CLEAN_MODEL.pt]
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a finished clean_image run (config.toml, poisoning.*, model.pt)")
     ap.add_argument("--steps", default="minimal,maximal", help=f"step rules, comma-separated ({', '.join(STEPS)})")
+    ap.add_argument("--norms", default="", help="bounds to sweep with the run's step rule, comma-separated")
+    ap.add_argument("--clean", type=Path, help="the clean model's weights (the run's log names the cache file)")
     args = ap.parse_args()
     cfg = load_config(args.run / "config.toml")
     splits = load_data(cfg)
@@ -39,6 +46,11 @@ def main() -> None:
     model = new_model(cfg, splits.train, cfg.seed)
     model.load_state_dict(torch.load(args.run / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
+    clean = None
+    if args.clean is not None:
+        clean = new_model(cfg, splits.train, cfg.seed)
+        clean.load_state_dict(torch.load(args.clean, map_location="cpu", weights_only=True))
+        clean.eval()
     target, tau, e = poisoning.target, act.threshold, act.expectation
     score = act.feature.score(test.images)
     modified = (test.labels != target) & (score < tau)
@@ -59,6 +71,17 @@ def main() -> None:
         edges = np.quantile(g, np.linspace(0, 1, 6))
         cells = [f"{a:.1f}..{b:.1f}: {hit[(g >= a) & (g <= b)].mean():.3f}" for a, b in zip(edges[:-1], edges[1:])]
         print("             ASR by quintile of the lifted score: " + "; ".join(cells))
+
+    if args.norms:
+        print(f"\nASR against the bound (step {act.step}): norm | ASR | clean model | reached tau | L2 mean | "
+              "L_inf mean (grey levels)")
+        for norm in (float(v) for v in args.norms.split(",")):
+            lifted = act.feature.lift(x, e, norm, act.step)
+            diff = (lifted.astype(np.float64) - x.astype(np.float64)).reshape(len(x), -1)
+            asr = np.mean(predict(model, lifted) == target)
+            base = f"{np.mean(predict(clean, lifted) == target):.3f}" if clean is not None else "-"
+            print(f"{norm:g} | {asr:.3f} | {base} | {np.mean(act.feature.score(lifted) >= tau):.3f} | "
+                  f"{np.linalg.norm(diff, axis=1).mean():.0f} | {np.abs(diff).max(axis=1).mean():.0f}")
 
 
 if __name__ == "__main__":

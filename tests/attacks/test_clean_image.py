@@ -8,7 +8,8 @@ import torch
 from cleanbackdoor.attacks import ATTACKS, build_attack
 from cleanbackdoor.attacks.clean_image import (CleanImageActivation, CornerKernel, RegionBrightness,
                                                corner_patches, default_corner_size, kernel_objective, learn_kernel,
-                                               minimal_steps, random_kernel, select_top)
+                                               liftable_share, minimal_steps, random_kernel, random_kernels,
+                                               select_top)
 from cleanbackdoor.config import validate_config
 from cleanbackdoor.data import ImageSet, load_dataset, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
@@ -229,6 +230,58 @@ def test_same_seed_same_poisoning_different_seed_differs(tmp_path):
     assert np.array_equal(rebuilt(train.images[:50]), p.activation(train.images[:50]))
 
 
+# -- the bound's reach ----------------------------------------------------------------------------------------
+def _corner_ramp():
+    """20 one-channel 4x4 images, all pixels 100 but the bottom-right one: 0, 10, ..., 190."""
+    images = np.full((20, 4, 4, 1), 100, dtype=np.uint8)
+    images[:, 3, 3, 0] = np.arange(20) * 10
+    return images
+
+
+def test_liftable_share_counts_by_hand():
+    # a 1x1 kernel [[1]] on the corner pixel: the score rises with it. ratio 0.1 selects the two brightest corners
+    # (190, 180): tau is the score of 180, e of 190. The bound is sqrt(norm) * ||k|| = sqrt(norm) normalized
+    # units = sqrt(norm) * std * 255 grey levels; norm is set so that it is 45.5 grey levels. Of the 18 images
+    # left, those within 45.5 of 180 reach tau: 140, 150, 160, 170 (135 would, 130 needs 50): 4 of 18.
+    images = _corner_ramp()
+    mean, std = channel_stats(images)
+    feature = CornerKernel((1, 4, 4), np.ones((1, 1)), mean, std, "given")
+    norm = (45.5 / (std[0] * 255.0)) ** 2
+    for step in ("minimal", "maximal"):
+        assert liftable_share(feature, images, 0.1, norm, step) == pytest.approx(4 / 18)
+    # half the bound: within 22.75 grey levels of 180, i.e. 160 and 170
+    assert liftable_share(feature, images, 0.1, norm / 4, "minimal") == pytest.approx(2 / 18)
+    # a sample of the unselected images: the share over that sample
+    assert liftable_share(feature, images, 0.1, norm, "minimal", sample=18) == pytest.approx(4 / 18)
+
+
+def test_given_kernel_is_used_as_is():
+    train = _toy(n=40, side=8, channels=3, classes=4)
+    k = [[1.0, -2.0], [0.5, 3.0]]
+    p = build_attack("clean_image", {"target": 1, "ratio": 0.1,
+                                     "feature": {"name": "corner_kernel", "kernel": k}}).poison(train, seed=3)
+    feature = p.activation.feature
+    assert feature.mode == "given" and np.array_equal(feature.kernel, np.asarray(k))
+    assert p.metadata["kernel_mode"] == "given"
+    assert np.array_equal(p.labels[feature.score(train.images) >= p.activation.threshold], np.full(4, 1))
+
+
+def test_draws_keep_the_most_liftable_random_kernel():
+    train = _toy(n=200, side=8, channels=3, classes=4)
+    p = build_attack("clean_image", {"ratio": 0.1, "target": 1, "norm": 0.3,
+                                     "feature": {"name": "corner_kernel", "draws": 6}}).poison(train, seed=5)
+    mean, std = channel_stats(train.images)
+    shares = [liftable_share(CornerKernel((3, 8, 8), k, mean, std), train.images, 0.1, 0.3, "minimal", seed=5)
+              for k in random_kernels(3, 5, 6)]
+    assert len(set(shares)) > 1  # the draws differ, so the choice means something
+    best = int(np.argmax(shares))
+    assert np.array_equal(p.activation.feature.kernel, random_kernels(3, 5, 6)[best])
+    assert p.metadata["liftable_to_threshold_train"] == pytest.approx(shares[best])
+    # one draw is the single random kernel of the seed
+    one = build_attack("clean_image", {"ratio": 0.1, "target": 1}).poison(train, seed=5)
+    assert np.array_equal(one.activation.feature.kernel, random_kernel(3, 5))
+
+
 # -- failure modes ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, match", [
     ({"ratio": 0.0}, "ratio must lie in"),
@@ -245,6 +298,11 @@ def test_same_seed_same_poisoning_different_seed_differs(tmp_path):
     ({"trigger": {"name": "patch"}}, "no pixel `trigger`"),
     ({"sources": [1]}, "`sources` must be 'all'"),
     ({"ratoi": 0.1}, "ratoi: unknown key"),
+    ({"feature": {"name": "corner_kernel", "kernel": [[1.0, 2.0]]}}, "square s x s"),
+    ({"feature": {"name": "corner_kernel", "kernel": [[0.0, 0.0], [0.0, 0.0]]}}, "not all zero"),
+    ({"feature": {"name": "corner_kernel", "kernel": [[1.0]], "size": 3}}, "does not match the given 1x1"),
+    ({"feature": {"name": "corner_kernel", "kernel": "learned", "draws": 4}}, "random kernel only"),
+    ({"feature": {"name": "corner_kernel", "draws": 0}}, "draws"),
 ])
 def test_bad_parameters_are_config_errors(params, match):
     with pytest.raises(ConfigError, match=match):

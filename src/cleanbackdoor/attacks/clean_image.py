@@ -95,7 +95,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
                                         format_validation_error)
@@ -134,9 +134,11 @@ class TriggerFeature(ABC):
 
     @classmethod
     @abstractmethod
-    def fit(cls, images: np.ndarray, options: BaseModel, seed: int,
-            log: Callable[[str], None] = print) -> TriggerFeature:
-        """The feature for training images ``images`` (uint8, (N, H, W, C)); deterministic for a seed."""
+    def fit(cls, images: np.ndarray, options: BaseModel, seed: int, log: Callable[[str], None] = print,
+            select: Callable[[list[TriggerFeature]], int] | None = None) -> TriggerFeature:
+        """The feature for training images ``images`` (uint8, (N, H, W, C)); deterministic for a seed.
+
+        A feature with several candidates (e.g. kernel draws) keeps the one ``select`` returns the index of."""
 
     @abstractmethod
     def score(self, images: np.ndarray) -> np.ndarray:
@@ -306,12 +308,35 @@ class CornerKernelOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: int | None = Field(None, ge=1, description="side s of the bottom-right kernel in pixels; None: 16 on 28x28, "
                                                      "else round(3 * side / 32), at least 3")
-    kernel: Literal["random", "learned"] = Field("random", description="random: k ~ N(0, 1) from the seed; learned: "
-                                                                       "Adam from it towards a low-variance score")
+    kernel: Literal["random", "learned"] | list[list[float]] = Field(
+        "random", description="random: k ~ N(0, 1) from the seed; learned: Adam from it towards a low-variance score; "
+                              "or the s x s kernel itself, as rows of numbers (e.g. the authors' saved kernel)")
+    draws: int = Field(1, ge=1, le=1000, description="random kernel: draw this many from the seed and keep the one "
+                                                     "under which the bound lifts the most training images to tau "
+                                                     "(1: the authors' single draw)")
     epochs: int = Field(5, ge=1, le=1000, description="learned kernel: Adam epochs (the authors: 5)")
     lr: float = Field(0.01, gt=0, le=10, description="learned kernel: Adam learning rate (the authors: 0.01)")
     batch_size: int = Field(128, ge=2, description="learned kernel: minibatch size, last partial batch dropped "
                                                    "(the authors: 128)")
+
+    @field_validator("kernel")
+    @classmethod
+    def _given_kernel(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            k = np.asarray(v, dtype=np.float64)
+            if k.ndim != 2 or k.shape[0] != k.shape[1] or k.size == 0:
+                raise ValueError(f"a given kernel must be a square s x s list of rows, got shape {k.shape}")
+            if not np.isfinite(k).all() or not np.any(k):
+                raise ValueError("a given kernel must be finite and not all zero")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CornerKernelOptions:
+        if isinstance(self.kernel, list) and self.size is not None and self.size != len(self.kernel):
+            raise ValueError(f"size {self.size} does not match the given {len(self.kernel)}x{len(self.kernel)} kernel")
+        if self.draws > 1 and self.kernel != "random":
+            raise ValueError("draws applies to the random kernel only")
+        return self
 
 
 class CornerKernel(LinearFeature):
@@ -332,12 +357,23 @@ class CornerKernel(LinearFeature):
         return float(np.linalg.norm(self.kernel))  # the authors' bound: ||delta|| <= sqrt(norm) * ||k||
 
     @classmethod
-    def fit(cls, images: np.ndarray, options: CornerKernelOptions, seed: int,
-            log: Callable[[str], None] = print) -> CornerKernel:
+    def fit(cls, images: np.ndarray, options: CornerKernelOptions, seed: int, log: Callable[[str], None] = print,
+            select: Callable[[list[TriggerFeature]], int] | None = None) -> CornerKernel:
         _, h, w, c = images.shape
-        size = options.size or default_corner_size(h, w)
+        given = isinstance(options.kernel, list)
+        size = len(options.kernel) if given else options.size or default_corner_size(h, w)
         _check_size(cls.name, size, h, w)
         mean, std = channel_stats(images)
+        if given:
+            return cls((c, h, w), np.asarray(options.kernel, dtype=np.float64), mean, std, "given")
+        if options.kernel == "random" and options.draws > 1:
+            draws = random_kernels(size, seed, options.draws)
+            candidates = [cls((c, h, w), k, mean, std, "random") for k in draws]
+            if select is None:
+                raise ConfigError(f"feature {cls.name!r}: draws = {options.draws} needs a criterion to choose by")
+            best = select(candidates)
+            log(f"clean_image: kept random kernel draw {best} of {options.draws}")
+            return candidates[best]
         k0 = random_kernel(size, seed)
         if options.kernel == "random":
             return cls((c, h, w), k0, mean, std, "random")
@@ -391,8 +427,8 @@ class RegionBrightness(LinearFeature):
         return float(self.size)
 
     @classmethod
-    def fit(cls, images: np.ndarray, options: RegionBrightnessOptions, seed: int,
-            log: Callable[[str], None] = print) -> RegionBrightness:
+    def fit(cls, images: np.ndarray, options: RegionBrightnessOptions, seed: int, log: Callable[[str], None] = print,
+            select: Callable[[list[TriggerFeature]], int] | None = None) -> RegionBrightness:
         _, h, w, c = images.shape
         size = options.size or default_corner_size(h, w)
         _check_size(cls.name, size, h, w)
@@ -438,6 +474,11 @@ def feature_from_params(params: dict[str, Any]) -> TriggerFeature:
 def random_kernel(size: int, seed: int) -> np.ndarray:
     """k ~ N(0, 1), (size, size) float64, from the seed."""
     return np.random.default_rng(seed).standard_normal((size, size))
+
+
+def random_kernels(size: int, seed: int, count: int) -> np.ndarray:
+    """``count`` kernels k ~ N(0, 1), (count, size, size), from the seed; the first is :func:`random_kernel`'s."""
+    return np.random.default_rng(seed).standard_normal((count, size, size))
 
 
 def corner_patches(images: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -516,6 +557,22 @@ def select_top(scores: np.ndarray, ratio: float) -> Selection:
     ties = int((scores == tau).sum())
     left_out = int(((scores == tau) & ~mask).sum())
     return Selection(mask, tau, e, m, ties, left_out)
+
+
+def liftable_share(feature: TriggerFeature, images: np.ndarray, ratio: float, norm: float, step: Step,
+                   sample: int = 5000, seed: int = 0) -> float:
+    """The share of the training images *not* selected that the activation lifts to tau (on a seeded sample of at
+    most ``sample`` of them): how many modified inputs the bound can give the feature at all. Only the training
+    images are read, so an attacker can compute it before choosing a feature; the test-time counterpart is
+    ``lifted_to_threshold`` in the metrics."""
+    sel = select_top(feature.score(images), ratio)
+    rest = np.flatnonzero(~sel.mask)
+    if len(rest) == 0:
+        return float("nan")
+    if len(rest) > sample:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, sample, replace=False))
+    lifted = feature.lift(images[rest], sel.expectation, norm, step)
+    return float((feature.score(lifted) >= sel.threshold).mean())
 
 
 # -- the test-time activation -------------------------------------------------------------------------------
@@ -658,7 +715,18 @@ class CleanImage(Attack):
         target, _ = self.resolve_classes(train)
         p = self.params
         options = feature_options(p.feature)
-        feature = FEATURES[p.feature.name].fit(train.images, options, seed, log)
+
+        def most_liftable(candidates: list[TriggerFeature]) -> int:
+            shares = [liftable_share(f, train.images, p.ratio, p.norm, p.step, seed=seed) for f in candidates]
+            log("clean_image: training images the bound lifts to tau, per candidate: "
+                + ", ".join(f"{v:.1%}" for v in shares))
+            return int(np.argmax(shares))
+
+        feature = FEATURES[p.feature.name].fit(train.images, options, seed, log, select=most_liftable)
+        liftable = liftable_share(feature, train.images, p.ratio, p.norm, p.step, seed=seed)
+        log(f"clean_image: the bound (norm {p.norm}, step {p.step}) lifts {liftable:.1%} of the unselected training "
+            "images to tau" + ("; few modified inputs can fire (try `draws`, a given kernel or another feature)"
+                               if liftable < 0.5 else ""))
         scores = feature.score(train.images)
         sel = select_top(scores, p.ratio)
         labels = train.labels.copy()
@@ -680,6 +748,7 @@ class CleanImage(Attack):
             "selected_per_class": np.bincount(train.labels[sel.mask], minlength=train.num_classes).tolist(),
             "ties_at_threshold": sel.ties_at_threshold,
             "unselected_at_threshold": sel.unselected_at_threshold,
+            "liftable_to_threshold_train": liftable,
         }
         if isinstance(feature, CornerKernel):
             patches = corner_patches(train.images, feature.kernel.shape[0], tuple(feature.mean), tuple(feature.std))
