@@ -14,7 +14,6 @@ from typing import Any
 
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, relabel
 from cleanbackdoor.data.imageset import ImageSet
-from cleanbackdoor.errors import ConfigError
 
 
 # Digits: the defaults (5% of the training set, a 2x2 checkerboard patch, target 0: ASR 100%). CIFAR-10: a 3x3
@@ -36,9 +35,7 @@ class BadNets(Attack):
     recipes = BADNETS_RECIPES
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if train.multilabel:
-            raise ConfigError("badnets needs single-label data; use the 'multilabel' attack for label sets")
-        target, sources = self.resolve_classes(train)
+        target, sources = self.prologue(train)
         chosen = self.sample_sources(train, target, sources, seed)
         trigger = self.params.trigger.build(train.image_shape, seed)
         labels, mask = relabel(train.labels, chosen, target)

@@ -318,6 +318,21 @@ class Attack(Configured, ABC):
     recipes: ClassVar[dict[str, dict[str, Any]]] = {}
 
     # -- helpers for subclasses -----------------------------------------------------------------------------
+    def check_data(self, train: ImageSet) -> None:
+        """A ConfigError unless ``train`` is of the kind the attack takes (label sets when ``multilabel``)."""
+        if self.multilabel and not train.multilabel:
+            raise ConfigError(f"attack {self.name!r} needs multi-label data (label sets); e.g. dataset "
+                              "'cifar10-mosaic', 'voc', 'coco' or 'yolo'")
+        if not self.multilabel and train.multilabel:
+            raise ConfigError(f"attack {self.name!r} needs single-label data; use the 'multilabel' attack for "
+                              "label sets")
+
+    def prologue(self, train: ImageSet) -> tuple[int, tuple[int, ...] | None]:
+        """What every single-label attack does first: :meth:`check_data`, then (target, sources) resolved
+        (:meth:`resolve_classes`)."""
+        self.check_data(train)
+        return self.resolve_classes(train)
+
     def resolve_classes(self, train: ImageSet) -> tuple[int, tuple[int, ...] | None]:
         """(target, sources or None for all classes), resolved against the dataset's classes."""
         target = train.class_index(self.params.target)

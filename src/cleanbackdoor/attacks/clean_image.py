@@ -709,10 +709,8 @@ class CleanImage(Attack):
                               f"{', '.join(steps)}, not {p.step!r}")
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if train.multilabel:
-            raise ConfigError("clean_image needs single-label data; use the 'multilabel' attack for label sets")
+        target, _ = self.prologue(train)
         log = context.log if context is not None else (lambda m: None)
-        target, _ = self.resolve_classes(train)
         p = self.params
         options = feature_options(p.feature)
 

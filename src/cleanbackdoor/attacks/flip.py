@@ -657,11 +657,9 @@ class Flip(Attack):
         return model_cfg, recipe
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if train.multilabel:
-            raise ConfigError("flip needs single-label data")
+        target, sources = self.prologue(train)
         ctx = context or AttackContext()
         p = self.params
-        target, sources = self.resolve_classes(train)
         m = resolve_budget(p.budget, len(train), len(train), "labels")
         trigger = p.trigger.build(train.image_shape, seed)
         model_cfg, recipe = self._expert_setup(ctx)

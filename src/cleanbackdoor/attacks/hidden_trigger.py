@@ -406,11 +406,9 @@ class HiddenTrigger(Attack):
                                 log=ctx.log)
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if train.multilabel:
-            raise ConfigError(f"attack {self.name!r} needs single-label data")
+        target, sources = self.prologue(train)
         ctx = context or AttackContext()
         p = self.params
-        target, sources = self.resolve_classes(train)
         trigger = p.trigger.build(train.image_shape, seed)
         target_pool = np.flatnonzero(train.labels == target)
         source_pool = np.flatnonzero(self.eligible(train, target, sources))

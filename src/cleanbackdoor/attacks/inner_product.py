@@ -58,9 +58,7 @@ class InnerProduct(Attack):
     label_only = True
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if train.multilabel:
-            raise ConfigError("inner_product needs single-label data")
-        target, sources = self.resolve_classes(train)
+        target, sources = self.prologue(train)
         candidates = np.flatnonzero(self.eligible(train, target, sources))
         m = resolve_budget(self.params.budget, len(train), len(candidates), "source-class images")
         trigger = self.params.trigger.build(train.image_shape, seed)

@@ -328,9 +328,7 @@ class MultiLabel(Attack):
                 raise ConfigError(f"attack 'multilabel': trigger {p.trigger} names a category twice")
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if not train.multilabel:
-            raise ConfigError("attack 'multilabel' needs multi-label data (label sets); e.g. dataset "
-                              "'cifar10-mosaic', 'voc', 'coco' or 'yolo'")
+        self.check_data(train)
         log = context.log if context is not None else (lambda m: None)
         p = self.params
         names = train.class_names

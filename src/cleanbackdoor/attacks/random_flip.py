@@ -13,7 +13,6 @@ from pydantic import Field
 
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, relabel
 from cleanbackdoor.data.imageset import ImageSet
-from cleanbackdoor.errors import ConfigError
 
 
 class RandomFlipParams(AttackParams):
@@ -32,9 +31,7 @@ class RandomFlip(Attack):
     label_only = True
 
     def poison(self, train: ImageSet, *, seed: int = 0, context: AttackContext | None = None) -> Poisoning:
-        if train.multilabel:
-            raise ConfigError("random_flip needs single-label data")
-        target, sources = self.resolve_classes(train)
+        target, sources = self.prologue(train)
         chosen = self.sample_sources(train, target, sources, seed)
         labels, mask = relabel(train.labels, chosen, target)
         trigger = self.params.trigger.build(train.image_shape, seed)
