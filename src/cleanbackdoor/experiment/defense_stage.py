@@ -5,7 +5,7 @@ what the victim trained on (poisoned images where the attack changed pixels, the
 labels for soft poisonings). The detection is scored against the attack's true mask (precision, recall, ROC AUC:
 :mod:`.metrics`); with ``retrain`` on, the flagged examples are removed and the victim is retrained with the same
 architecture, recipe and seed, then CTA and ASR are measured exactly as for the victim
-(:func:`cleanbackdoor.experiment.stages.evaluate`).
+(:func:`cleanbackdoor.experiment.evaluation.evaluate`).
 
 For an *inference* defense (STRIP) the test set is split in two halves (seeded): the first is the defender's clean
 held-out set (overlays and the entropy boundary), the second is presented to the deployed victim twice, clean and
@@ -32,7 +32,8 @@ from cleanbackdoor.data import ImageSet, Splits
 from cleanbackdoor.defenses import Defense, DefenseContext, build_defenses, detection_metrics
 from cleanbackdoor.defenses.base import result_keys
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.experiment.stages import evaluate, frozen_features, new_model, train_model
+from cleanbackdoor.experiment.evaluation import evaluate
+from cleanbackdoor.experiment.stages import frozen_features, new_model, train_model
 from cleanbackdoor.training import predict
 
 

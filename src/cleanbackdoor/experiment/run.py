@@ -25,15 +25,12 @@ from cleanbackdoor.cache import fingerprint, stable_key
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml
 from cleanbackdoor.data import Splits
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.metrics import accuracy
-from cleanbackdoor.multilabel_metrics import (BackdoorSpec, fit_rate, side_effect,
-                                              trigger_recognition)
 from cleanbackdoor.experiment.defense_stage import run_defenses
-from cleanbackdoor.experiment.stages import (clean_model, dirty_label_control, evaluate, feature_cache, frozen_features,
-                                             load_data, multilabel_model_scores, new_model, train_model)
+from cleanbackdoor.experiment.evaluation import dirty_label_control, evaluate_clean, evaluate_victim
+from cleanbackdoor.experiment.stages import clean_model, feature_cache, load_data, new_model, train_model
 from cleanbackdoor.pretrain import pretrained_model
 from cleanbackdoor.report import metrics_table, plot_examples
-from cleanbackdoor.training import predict, resolve_device
+from cleanbackdoor.training import resolve_device
 
 
 class Logger:
@@ -158,36 +155,14 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True, executor: Any = Non
     (out / "victim.ckpt").unlink(missing_ok=True)
 
     with timer.stage("evaluation"):
-        if attack.multilabel:  # each model scores each set once; the side effect below reuses the test scores
-            victim_scores = multilabel_model_scores(cfg, model, test_set.images)
-            poisoned_metrics = attack.report(victim_scores, test_set, poisoning)
-            if poisoning.mask.any():  # did the victim fit the falsified label sets?
-                poisoned_metrics["poison_fit_rate"] = fit_rate(
-                    multilabel_model_scores(cfg, model, images, rows=poisoning.mask),
-                    BackdoorSpec.from_metadata(poisoning.metadata))
-        else:
-            poisoned_metrics = evaluate(model, test_set, attack, poisoning, frozen_features(cfg))
-            if poisoning.mask.any():
-                # did the victim fit the poisoned labels? (a label-only backdoor needs them memorized)
-                changed = np.flatnonzero(poisoning.mask)
-                hard = poisoning.hard_labels()
-                poisoned_metrics["poison_fit_rate"] = accuracy(
-                    predict(model, images[changed], feature_cache=frozen_features(cfg)), hard[changed])
+        poisoned_metrics, victim_scores = evaluate_victim(cfg, model, test_set, attack, poisoning, images)
 
     clean = None
     clean_metrics: dict[str, Any] | None = None
     if cfg.clean_baseline:
         with timer.stage("clean_model"):
             clean, _ = clean_model(cfg, train_set, log)
-            if attack.multilabel:  # and the side effect: non-target predictions of the two models compared
-                clean_scores = multilabel_model_scores(cfg, clean, test_set.images)
-                clean_metrics = attack.report(clean_scores, test_set, poisoning)
-                spec = BackdoorSpec.from_metadata(poisoning.metadata)
-                poisoned_metrics.update(side_effect(clean_scores, victim_scores, test_set.labels, spec))
-                # how much of the ASR the extractor's perception of the trigger allows
-                poisoned_metrics.update(trigger_recognition(clean_scores, victim_scores, test_set.labels, spec))
-            else:
-                clean_metrics = evaluate(clean, test_set, attack, poisoning, frozen_features(cfg))
+            clean_metrics = evaluate_clean(cfg, clean, test_set, attack, poisoning, poisoned_metrics, victim_scores)
 
     control = None
     if cfg.dirty_label_control and not attack.multilabel:

@@ -1,26 +1,22 @@
 """The building blocks of an experiment, shared by the run, its defenses stage and the defense table: loading
-the data, building and training the victim (and the clean model, cached), and measuring a model, identically for
-every attack."""
+the data, building and training the victim, and the clean model (cached). Measuring a model is
+:mod:`.evaluation`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.attacks import Attack, Poisoning, build_attack
 from cleanbackdoor.cache import FEATURES, compute_once, fingerprint, model_file, save_atomic, stable_key
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
-from cleanbackdoor.metrics import accuracy, attack_success_rate
 from cleanbackdoor.data.subset import select_classes
-from cleanbackdoor.multilabel_metrics import multilabel_scores
 from cleanbackdoor.pretrain import build_victim, model_key
-from cleanbackdoor.training import predict, resolve_device, train
+from cleanbackdoor.training import resolve_device, train
 
 
 # -- stages -------------------------------------------------------------------------------------------------
@@ -85,59 +81,6 @@ def save_weights(model: nn.Module, path: Path) -> None:
     save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, path)
 
 
-def multilabel_model_scores(cfg: ExperimentConfig, model: nn.Module, images: np.ndarray,
-                            rows: np.ndarray | None = None) -> np.ndarray:
-    """A multi-label model's scores on ``images`` (on ``images[rows]`` with a boolean ``rows``). When only its
-    head trained, through the frozen extractor's cached features of the whole set (training left those of the
-    training set in the cache; the clean model and the victim share those of the test set), so scoring costs the
-    head alone."""
-    if cfg.train.finetune == "last":
-        scores = multilabel_scores(model, images, feature_cache=feature_cache(cfg))
-        return scores if rows is None else scores[rows]
-    return multilabel_scores(model, images if rows is None else images[rows])
-
-
-def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning,
-             feature_cache: Path | None = None) -> dict[str, Any]:
-    """CTA, ASR and the attack's own figures for one model, measured identically for every attack.
-    ``feature_cache``: predict through a frozen extractor's cached features (a model whose head alone trained)."""
-    if test.multilabel:  # mAP and the goal's ASR on label sets: cleanbackdoor.multilabel_metrics, via the attack
-        return attack.extra_metrics(model, test, poisoning)
-
-    def classes(images: np.ndarray) -> np.ndarray:
-        return predict(model, images, feature_cache=feature_cache)
-
-    out: dict[str, Any] = {"clean_accuracy": accuracy(classes(test.images), test.labels)}
-    if poisoning.activation is not None and poisoning.target is not None:
-        eligible = attack.asr_mask(test, poisoning)
-        triggered = poisoning.activation(test.images[eligible])
-        out["attack_success_rate"] = attack_success_rate(classes(triggered), poisoning.target)
-        # the same images without the trigger: what of the ASR the trigger does not explain (a label-only attack
-        # can also just move the whole source class towards the target)
-        out["asr_without_trigger"] = attack_success_rate(classes(test.images[eligible]), poisoning.target)
-        out["asr_test_images"] = int(eligible.sum())
-    out.update(attack.extra_metrics(model, test, poisoning))
-    return out
-
-
 def frozen_features(cfg: ExperimentConfig) -> Path | None:
     """The feature cache when the victim trains its head alone on a frozen extractor, else None."""
     return feature_cache(cfg) if cfg.train.finetune == "last" else None
-
-
-def dirty_label_control(cfg: ExperimentConfig, splits: Splits, attack: Attack, poisoning: Poisoning,
-                        log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The dirty-label bound of a label-only attack: BadNets with the same trigger, target and sources on as many
-    training images as the attack changed, trained and measured with the same recipe and seed. When it fails, no
-    label-only attack can succeed in this setting, and the attack's own figure says nothing about the attack."""
-    spec = attack.dirty_label_spec(poisoning, splits.train)
-    if spec is None:
-        return None
-    control = build_attack("badnets", spec)
-    dirty = control.poison(splits.train, seed=cfg.seed)
-    images, targets = dirty.apply(splits.train)
-    model = train_model(cfg, splits.train, images, targets, desc="dirty-label control")
-    out = evaluate(model, splits.test, control, dirty, frozen_features(cfg))
-    log(f"dirty-label control (BadNets, {dirty.poisoned_examples} triggered source images relabelled, same "
-        f"trigger): CTA {100 * out['clean_accuracy']:.1f}%, ASR {100 * out['attack_success_rate']:.1f}%")
-    return {"attack": "badnets", "poisoned_examples": dirty.poisoned_examples, **out}
