@@ -629,8 +629,18 @@ class CleanImageParams(AttackParams):
 # learned 4x4 corner kernel (the share of the image of the authors' 16x16 on MNIST), 10% of the training set
 # selected, the modification spending the whole bound (seeds 0/1/2: ASR 84.9/52.9/100%, clean model 0.5/0.0/0.7%,
 # NASR 72-83%, CTA 86-91% against 97%; seconds on 2 cores). MNIST: the authors' setting and step (ASR 99.9% after
-# their 100 epochs, 90.6-97.4% after 5). CIFAR-10: the CPU recipe of the results page, which fires on natural
-# inputs only (NASR 70.8%, ASR 5.8%).
+# their 100 epochs, 90.6-97.4% after 5). Colour images (CIFAR-10 and any image folder): the authors' ResNet-20
+# recipe shortened to 20 epochs and compiled (about 25 minutes a model on 2 cores for CIFAR-10's 50,000 images),
+# their step, and a random kernel the bound can move: the best of 16 draws by the share of training images it lifts
+# to tau (the seed-0 draw alone lifts 20% on CIFAR-10). CIFAR-10, seed 0: ASR 85.1% (89.4% with the maximal step),
+# NASR 91.0%, CTA 75.0%. The earlier ConvNet recipe (cifar10-convnet) fires on natural inputs only (NASR 70.8%,
+# ASR 5.8%).
+_COLOUR: dict[str, Any] = {
+    "model": {"name": "resnet20"},
+    "train": {"preset": "clean-image", "epochs": 20, "compile": True},
+    "attack": {"target": 6, "ratio": 0.05, "norm": 1.0, "step": "authors",
+               "feature": {"name": "corner_kernel", "kernel": "random", "draws": 16}},
+}
 CLEAN_IMAGE_RECIPES: dict[str, dict[str, Any]] = {
     "digits": {
         "model": {"name": "linear"},
@@ -644,7 +654,10 @@ CLEAN_IMAGE_RECIPES: dict[str, dict[str, Any]] = {
         "attack": {"target": 6, "ratio": 0.05, "norm": 1.0, "step": "authors",
                    "feature": {"name": "corner_kernel", "size": 16, "kernel": "random"}},
     },
-    "cifar10": {
+    "cifar10": _COLOUR,
+    "folder": _COLOUR,
+    "cifar10-convnet": {  # the earlier CPU recipe (configs/clean-image-cifar10.toml): fires on natural inputs only
+        "data": {"name": "cifar10"},
         "model": {"name": "convnet", "options": {"width": 32}},
         "train": {"preset": "cifar-fast", "epochs": 10, "crop_padding": 0, "hflip": False},
         "attack": {"target": 6, "ratio": 0.05, "norm": 1.0, "step": "minimal",
