@@ -23,7 +23,11 @@ The algorithm, step by step (each a function or class below):
    starting from that random kernel, Adam (lr 0.01, batches of 128 with the last partial batch dropped, 5 epochs,
    seeded shuffling, on the CPU) minimizes ||f(X_b) - mean f(X_b)||_2 / ||k||_2 over minibatches X_b of the
    training set: a low-variance direction, so a small input change moves an image across the threshold
-   (:func:`kernel_objective` is the same quotient over the whole set).
+   (:func:`kernel_objective` is the same quotient over the whole set). Or a given kernel (``kernel = [[...]]``,
+   e.g. the authors' saved one). ``draws = N`` (a toolkit addition) draws N random kernels from the seed and keeps
+   the one under which the activation lifts the largest share of the unselected training images to tau
+   (:func:`liftable_share`): a random kernel whose entries sum far from zero scores the corner's brightness,
+   which the bound cannot move far (on CIFAR-10 a single draw lifts 20-99% of the images, by luck).
 3. **Threshold** (:func:`select_top`): with m = round(ratio * N), the images are ranked by score, highest
    first, ties broken by index (lower first); the top m are selected, so exactly m images are selected even when
    scores tie. tau = the score of the m-th ranked image; the expectation e = the score of the max(1, m // 2)-th.
@@ -77,7 +81,7 @@ Deviations from the authors' code, all deliberate:
   m = floor(ratio * N) and threshold at the m-th largest score, which selects more than m images on ties);
 - normalization statistics are computed from the training set, not hard-coded;
 - the kernel is learned from a seed in this process and stored as numbers in ``poisoning.json``, never as a
-  pickled module;
+  pickled module; ``draws`` (off by default) chooses among random kernels, which the authors do not;
 - the poisoned labels are computed once (the authors relabel each batch on the fly from the same kernel and
   threshold, which gives the same labels).
 
