@@ -731,14 +731,21 @@ class CleanImage(Attack):
         p = self.params
         options = feature_options(p.feature)
 
+        shares: dict[int, float] = {}  # id(feature) -> its liftable share, computed once per candidate
+
+        def share(f: TriggerFeature) -> float:
+            if id(f) not in shares:
+                shares[id(f)] = liftable_share(f, train.images, p.ratio, p.norm, p.step, seed=seed)
+            return shares[id(f)]
+
         def most_liftable(candidates: list[TriggerFeature]) -> int:
-            shares = [liftable_share(f, train.images, p.ratio, p.norm, p.step, seed=seed) for f in candidates]
+            values = [share(f) for f in candidates]
             log("clean_image: training images the bound lifts to tau, per candidate: "
-                + ", ".join(f"{v:.1%}" for v in shares))
-            return int(np.argmax(shares))
+                + ", ".join(f"{v:.1%}" for v in values))
+            return int(np.argmax(values))
 
         feature = FEATURES[p.feature.name].fit(train.images, options, seed, log, select=most_liftable)
-        liftable = liftable_share(feature, train.images, p.ratio, p.norm, p.step, seed=seed)
+        liftable = share(feature)
         log(f"clean_image: the bound (norm {p.norm}, step {p.step}) lifts {liftable:.1%} of the unselected training "
             "images to tau" + ("; few modified inputs can fire (try `draws`, a given kernel or another feature)"
                                if liftable < 0.5 else ""))
