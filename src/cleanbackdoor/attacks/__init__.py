@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from cleanbackdoor.attacks.badnets import BadNets
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, resolve_budget
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, Probe, resolve_budget
 from cleanbackdoor.attacks.clean_image import CleanImage
 from cleanbackdoor.attacks.flip import Flip
 from cleanbackdoor.attacks.hidden_trigger import HiddenTrigger
@@ -48,5 +48,5 @@ def require_recipe(attack: str, key: str) -> dict[str, Any]:
     return found
 
 
-__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackParams", "Poisoning", "build_attack", "recipe",
+__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackParams", "Poisoning", "Probe", "build_attack", "recipe",
            "require_recipe", "resolve_budget"]

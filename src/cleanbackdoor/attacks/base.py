@@ -15,6 +15,13 @@ activation (a function of uint8 images), the target and source classes, the meta
 attack's own diagnostics (``diagnostics``: figures and arrays about how the attack went, e.g. FLIP's experts'
 accuracy and attack success per epoch and its flip scores; the experiment copies the figures into
 ``metrics.json``).
+
+**What counts as success.** The experiment measures every model (the victim, the clean model, a model retrained
+after a defense) the same way (``cleanbackdoor.experiment.evaluation``): CTA, and the ASR on
+:meth:`Attack.asr_mask`'s test images under the poisoning's activation, with and without it. An attack with figures
+of its own declares them, never computing a prediction: :meth:`Attack.probes` (test inputs and what a model should
+answer on them, e.g. the clean-image attack's natural-feature images and target) and :meth:`Attack.test_figures`
+(figures of the test inputs alone, e.g. the size of the test-time change).
 """
 
 from __future__ import annotations
@@ -39,6 +46,24 @@ from cleanbackdoor.metrics import asr_eligible
 from cleanbackdoor.triggers import TRIGGERS, Trigger, build_trigger
 
 Activation = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Test inputs on which the evaluation measures one figure of an attack, for every model alike: the share of
+    ``images`` predicted as ``target`` or, with ``labels`` instead, the accuracy on them (NaN when ``images`` is
+    empty). ``name`` is the figure's key in ``metrics.json``; ``"group/key"`` puts it under ``group``."""
+
+    name: str
+    images: np.ndarray
+    target: int | None = None
+    labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if (self.target is None) == (self.labels is None):
+            raise ValueError(f"probe {self.name!r}: give a target or labels, not both or neither")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"probe {self.name!r}: {len(self.labels)} labels for {len(self.images)} images")
 
 
 def relabel(labels: np.ndarray, chosen: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +326,7 @@ class Attack(Configured, ABC):
 
     Subclasses set ``name``, ``Params`` (a pydantic model, validated up front: unknown keys and out-of-range values
     are ConfigErrors) and implement :meth:`poison`. Attacks with a test-time trigger other than a pixel trigger
-    override :meth:`asr_mask` and :meth:`extra_metrics`.
+    override :meth:`asr_mask`, and attacks with figures of their own :meth:`probes` and :meth:`test_figures`.
     """
 
     role: ClassVar[str] = "attack"
@@ -362,8 +387,13 @@ class Attack(Configured, ABC):
         """Test images over which ASR is measured (default: true class a source class, not the target)."""
         return asr_eligible(test.labels, poisoning.target, poisoning.sources)
 
-    def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
-        """Attack-specific figures (e.g. NASR), measured on ``model``."""
+    def probes(self, test: ImageSet, poisoning: Poisoning) -> list[Probe]:
+        """The attack's own figures that depend on a model (e.g. the clean-image attack's NASR), as the inputs and
+        the answers the evaluation measures on every model."""
+        return []
+
+    def test_figures(self, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+        """The attack's own figures of the test inputs alone (counts, the size of the test-time change)."""
         return {}
 
     def dirty_label_spec(self, poisoning: Poisoning, train: ImageSet) -> dict[str, Any] | None:

@@ -67,11 +67,11 @@ The algorithm, step by step (each a function or class below):
    one; it may exceed the bound by at most one grey level per changed pixel.
 
    (b) *natural input*: a test image whose score is already >= tau, unmodified.
-6. **Metrics** (:meth:`CleanImage.asr_mask`, :meth:`CleanImage.extra_metrics`): ASR over the test images with
-   y != target and f < tau, after modification (a); NASR (``natural_attack_success_rate``) over the test images
-   with y != target and f >= tau, unmodified (b); the perturbation actually applied (L2 and L_inf per image in
-   grey levels, 0..255 scale, mean and max), the share of modified images that reached e and tau, and the size of
-   each group.
+6. **Metrics** (:meth:`CleanImage.asr_mask`, :meth:`CleanImage.probes`, :meth:`CleanImage.test_figures`; the
+   experiment measures them): ASR over the test images with y != target and f < tau, after modification (a); NASR
+   (``natural_attack_success_rate``) over the test images with y != target and f >= tau, unmodified (b); the
+   perturbation actually applied (L2 and L_inf per image in grey levels, 0..255 scale, mean and max), the share of
+   modified images that reached e and tau, and the size of each group.
 
 Deviations from the authors' code, all deliberate:
 
@@ -101,13 +101,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
+from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, Probe, TriggerSpec,
                                         format_validation_error)
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError, DataError, unknown_name
 from cleanbackdoor.metrics import asr_eligible
-from cleanbackdoor.training import predict
 
 STEPS = ("minimal", "maximal", "closed_form", "authors")
 Step = Literal["minimal", "maximal", "closed_form", "authors"]
@@ -798,16 +797,30 @@ class CleanImage(Attack):
     def asr_mask(self, test: ImageSet, poisoning: Poisoning) -> np.ndarray:
         return self.groups(test, poisoning)[0]
 
-    def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+    def probes(self, test: ImageSet, poisoning: Poisoning) -> list[Probe]:
+        """NASR (``natural_attack_success_rate``: the natural group, unmodified, to the target) and the ASR of the
+        modified group under every step rule the feature supports (``attack_success_rate_by_step``): the
+        activation is test-time only, so this separates what the labels planted from how hard the input is
+        pushed."""
         act = self._activation(poisoning)
         modified, natural = self.groups(test, poisoning)
         target = poisoning.target
-        nat_pred = predict(model, test.images[natural])
+        out = [Probe("natural_attack_success_rate", test.images[natural], target=target)]
+        originals = test.images[modified]
+        if len(originals):
+            out += [Probe(f"attack_success_rate_by_step/{step}", replace(act, step=step)(originals), target=target)
+                    for step in getattr(act.feature, "steps", STEPS)]
+        return out
+
+    def test_figures(self, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+        """The size of each group, the perturbation the activation applies to the modified group (L2 and L_inf
+        per image in grey levels) and the share of it lifted to e and to tau."""
+        act = self._activation(poisoning)
+        modified, natural = self.groups(test, poisoning)
         out: dict[str, Any] = {
-            "natural_attack_success_rate": float((nat_pred == target).mean()) if natural.any() else float("nan"),
             "natural_test_images": int(natural.sum()),
             "modified_test_images": int(modified.sum()),
-            "target_class_test_images": int((test.labels == target).sum()),
+            "target_class_test_images": int((test.labels == poisoning.target).sum()),
         }
         originals = test.images[modified]
         if len(originals):
@@ -824,11 +837,4 @@ class CleanImage(Attack):
                 "lifted_to_expectation": float((new_scores >= act.expectation).mean()),
                 "lifted_to_threshold": float((new_scores >= act.threshold).mean()),
             })
-            # the same model under every step rule the feature supports: the activation is test-time only, so
-            # this separates what the labels planted from how hard the test input is pushed
-            by_step = {}
-            for step in getattr(act.feature, "steps", STEPS):
-                rule = replace(act, step=step)
-                by_step[step] = float((predict(model, rule(originals)) == target).mean())
-            out["attack_success_rate_by_step"] = by_step
         return out

@@ -30,7 +30,7 @@ Algorithm (:func:`optimize_poisons`, the seed's algorithm with the authors' defa
 3. The poisons are quantized to uint8 and clipped to the eps ball of their targets in grey levels, so that
    |poison - target| <= eps holds exactly for the stored images. Labels are unchanged.
 
-Evaluation (the experiment's, plus :meth:`HiddenTrigger.extra_metrics`): clean accuracy; the paper's "Val Patched
+Evaluation (the experiment's, plus :meth:`HiddenTrigger.probes`): clean accuracy; the paper's "Val Patched
 (source only)", the accuracy on source-class test images with the trigger at a random position
 (``patched_source_accuracy``); ASR, the share of those predicted as the target; accuracy on unpatched source images.
 
@@ -77,14 +77,14 @@ from pydantic import Field, field_validator
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
+from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, Probe, TriggerSpec,
+                                        resolve_budget)
 from cleanbackdoor.cache import HIDDEN_TRIGGER, compute_once, fingerprint, save_atomic, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.errors import ConfigError
-from cleanbackdoor.metrics import accuracy
 from cleanbackdoor.pretrain import pretrain_key, pretrained_model
-from cleanbackdoor.training import FrozenFeatures, predict, resolve_device
+from cleanbackdoor.training import FrozenFeatures, resolve_device
 from cleanbackdoor.triggers import PatchTrigger
 
 POISONS_VERSION = 1  # part of the poisons' cache key: bump it when a change to the algorithm changes the poisons
@@ -475,13 +475,12 @@ class HiddenTrigger(Attack):
         return Poisoning(self.name, train.labels.copy(), mask, trigger, target, sources, k, chosen, images,
                          metadata=meta)
 
-    def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+    def probes(self, test: ImageSet, poisoning: Poisoning) -> list[Probe]:
         """The paper's figures besides CTA and ASR: accuracy on patched source images ("Val Patched (source
-        only)") and on the same images unpatched."""
+        only)", ``patched_source_accuracy``) and on the same images unpatched (``source_accuracy``)."""
         eligible = self.asr_mask(test, poisoning)
         if not eligible.any() or poisoning.activation is None:
-            return {}
+            return []
         images, labels = test.images[eligible], test.labels[eligible]
-        patched_pred = predict(model, poisoning.activation(images))
-        return {"patched_source_accuracy": accuracy(patched_pred, labels),
-                "source_accuracy": accuracy(predict(model, images), labels)}
+        return [Probe("patched_source_accuracy", poisoning.activation(images), labels=labels),
+                Probe("source_accuracy", images, labels=labels)]

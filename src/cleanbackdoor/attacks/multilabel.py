@@ -52,7 +52,7 @@ from pydantic import Field
 from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import BudgetError, ConfigError
-from cleanbackdoor.multilabel_metrics import BackdoorSpec, backdoor_report, contains_all, multilabel_scores
+from cleanbackdoor.multilabel_metrics import BackdoorSpec, contains_all
 
 # the most candidate combinations counted at one level of the mining, a guard against a tiny alpha on many classes
 MAX_CANDIDATES = 2_000_000
@@ -410,15 +410,3 @@ class MultiLabel(Attack):
     # -- measurement --------------------------------------------------------------------------------------------
     def asr_mask(self, test: ImageSet, poisoning: Poisoning) -> np.ndarray:
         return BackdoorSpec.from_metadata(poisoning.metadata).eligible(test.labels)
-
-    def extra_metrics(self, model: Any, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
-        return self.report(multilabel_scores(model, test.images), test, poisoning)
-
-    @staticmethod
-    def report(scores: np.ndarray, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
-        """The backdoor and its figures (mAP, the goal's ASR: :func:`backdoor_report`) from a model's scores on
-        ``test``."""
-        md = poisoning.metadata
-        backdoor = {"goal": md["goal"], "trigger": md["trigger_names"], "remove": md["remove_name"],
-                    "add": md["add_name"], "support": md["support"]}
-        return {"backdoor": backdoor, **backdoor_report(scores, test.labels, BackdoorSpec.from_metadata(md))}

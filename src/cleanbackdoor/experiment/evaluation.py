@@ -1,6 +1,7 @@
 """Every measurement of a model in an experiment, the same for every attack: CTA (or mAP), ASR with and without
-the trigger, the attack's own figures, the victim's fit of the changed labels, the multi-label side effect and
-trigger recognition against the clean model, and the dirty-label control of a label-only attack."""
+the trigger, the attack's own figures (the probes and test figures it declares: attacks never predict), the
+victim's fit of the changed labels, the multi-label side effect and trigger recognition against the clean model,
+and the dirty-label control of a label-only attack. Every prediction of a model in an experiment is made here."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from cleanbackdoor.attacks import Attack, Poisoning, build_attack
+from cleanbackdoor.attacks import Attack, Poisoning, Probe, build_attack
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.data import ImageSet, Splits
 from cleanbackdoor.experiment.stages import feature_cache, frozen_features, train_model
 from cleanbackdoor.metrics import accuracy, attack_success_rate
-from cleanbackdoor.multilabel_metrics import (BackdoorSpec, fit_rate, multilabel_scores, side_effect,
+from cleanbackdoor.multilabel_metrics import (BackdoorSpec, backdoor_report, fit_rate, multilabel_scores, side_effect,
                                               trigger_recognition)
 from cleanbackdoor.training import predict
 
@@ -33,12 +34,39 @@ def multilabel_model_scores(cfg: ExperimentConfig, model: nn.Module, images: np.
     return multilabel_scores(model, images if rows is None else images[rows])
 
 
+def multilabel_report(scores: np.ndarray, test: ImageSet, poisoning: Poisoning) -> dict[str, Any]:
+    """The multi-label backdoor and its figures (mAP, the goal's ASR: :func:`backdoor_report`) from a model's scores
+    on ``test``."""
+    md = poisoning.metadata
+    backdoor = {"goal": md["goal"], "trigger": md["trigger_names"], "remove": md["remove_name"],
+                "add": md["add_name"], "support": md["support"]}
+    return {"backdoor": backdoor, **backdoor_report(scores, test.labels, BackdoorSpec.from_metadata(md))}
+
+
+def _measure(classes: Callable[[np.ndarray], np.ndarray], probe: Probe) -> float:
+    """One probe's figure: the share predicted as its target, or the accuracy on its labels (NaN without images)."""
+    if len(probe.images) == 0:
+        return float("nan")
+    predicted = classes(probe.images)
+    if probe.labels is not None:
+        return accuracy(predicted, probe.labels)
+    return attack_success_rate(predicted, probe.target)
+
+
+def _put(out: dict[str, Any], name: str, value: Any) -> None:
+    """``out[name] = value``, with ``"group/key"`` as ``out[group][key]``."""
+    *groups, key = name.split("/")
+    for g in groups:
+        out = out.setdefault(g, {})
+    out[key] = value
+
+
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning,
              feature_cache: Path | None = None) -> dict[str, Any]:
     """CTA, ASR and the attack's own figures for one model, measured identically for every attack.
     ``feature_cache``: predict through a frozen extractor's cached features (a model whose head alone trained)."""
-    if test.multilabel:  # mAP and the goal's ASR on label sets: cleanbackdoor.multilabel_metrics, via the attack
-        return attack.extra_metrics(model, test, poisoning)
+    if test.multilabel:  # mAP and the goal's ASR on label sets: cleanbackdoor.multilabel_metrics
+        return multilabel_report(multilabel_scores(model, test.images), test, poisoning)
 
     def classes(images: np.ndarray) -> np.ndarray:
         return predict(model, images, feature_cache=feature_cache)
@@ -52,7 +80,9 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poison
         # can also just move the whole source class towards the target)
         out["asr_without_trigger"] = attack_success_rate(classes(test.images[eligible]), poisoning.target)
         out["asr_test_images"] = int(eligible.sum())
-    out.update(attack.extra_metrics(model, test, poisoning))
+    for probe in attack.probes(test, poisoning):
+        _put(out, probe.name, _measure(classes, probe))
+    out.update(attack.test_figures(test, poisoning))
     return out
 
 
@@ -64,7 +94,7 @@ def evaluate_victim(cfg: ExperimentConfig, model: nn.Module, test: ImageSet, att
     :func:`evaluate_clean`'s side effect."""
     if attack.multilabel:
         scores = multilabel_model_scores(cfg, model, test.images)
-        metrics = attack.report(scores, test, poisoning)
+        metrics = multilabel_report(scores, test, poisoning)
         if poisoning.mask.any():  # did the victim fit the falsified label sets?
             metrics["poison_fit_rate"] = fit_rate(multilabel_model_scores(cfg, model, images, rows=poisoning.mask),
                                                   BackdoorSpec.from_metadata(poisoning.metadata))
@@ -78,17 +108,18 @@ def evaluate_victim(cfg: ExperimentConfig, model: nn.Module, test: ImageSet, att
 
 
 def evaluate_clean(cfg: ExperimentConfig, clean: nn.Module, test: ImageSet, attack: Attack, poisoning: Poisoning,
-                   victim_metrics: dict[str, Any], victim_scores: np.ndarray | None) -> dict[str, Any]:
-    """The clean model's metrics on the same inputs. For label sets, ``victim_metrics`` also gains the side effect
-    (non-target predictions of the two models compared) and the trigger recognition (how much of the ASR the
-    clean model's perception of the trigger allows)."""
+                   victim_scores: np.ndarray | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the clean model's metrics on the same inputs, the victim's figures against the clean model). The second is
+    empty for single labels; for label sets it is the side effect (non-target predictions of the two models
+    compared) and the trigger recognition (how much of the ASR the clean model's perception of the trigger
+    allows), from the victim's test scores ``victim_scores``."""
     if not attack.multilabel:
-        return evaluate(clean, test, attack, poisoning, frozen_features(cfg))
+        return evaluate(clean, test, attack, poisoning, frozen_features(cfg)), {}
     clean_scores = multilabel_model_scores(cfg, clean, test.images)
     spec = BackdoorSpec.from_metadata(poisoning.metadata)
-    victim_metrics.update(side_effect(clean_scores, victim_scores, test.labels, spec))
-    victim_metrics.update(trigger_recognition(clean_scores, victim_scores, test.labels, spec))
-    return attack.report(clean_scores, test, poisoning)
+    against = {**side_effect(clean_scores, victim_scores, test.labels, spec),
+               **trigger_recognition(clean_scores, victim_scores, test.labels, spec)}
+    return multilabel_report(clean_scores, test, poisoning), against
 
 
 def dirty_label_control(cfg: ExperimentConfig, splits: Splits, attack: Attack, poisoning: Poisoning,

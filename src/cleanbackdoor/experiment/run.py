@@ -162,7 +162,8 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True, executor: Any = Non
     if cfg.clean_baseline:
         with timer.stage("clean_model"):
             clean, _ = clean_model(cfg, train_set, log)
-            clean_metrics = evaluate_clean(cfg, clean, test_set, attack, poisoning, poisoned_metrics, victim_scores)
+            clean_metrics, against_clean = evaluate_clean(cfg, clean, test_set, attack, poisoning, victim_scores)
+            poisoned_metrics.update(against_clean)
 
     control = None
     if cfg.dirty_label_control and not attack.multilabel:
