@@ -316,8 +316,13 @@ def test_flip_contract_budget_and_determinism(tmp_path):
     # a second budget reuses the cached experts and logits: same ranking, nested flips
     r = build_attack("flip", {**FAST, "budget": 3}).poison(train, seed=0, context=_ctx(tmp_path))
     assert set(np.flatnonzero(r.mask)) <= set(np.flatnonzero(p.mask))
-    soft = build_attack("flip", {**FAST, "mode": "soft"}).poison(train, seed=0, context=_ctx(tmp_path))
+    # soft mode has no budget (it reports the argmaxes it moved): one beyond the set is no error there
+    soft = build_attack("flip", {**FAST, "mode": "soft", "budget": 10 * len(train)}).poison(
+        train, seed=0, context=_ctx(tmp_path))
     assert soft.labels.shape == (len(train), 3) and np.allclose(soft.labels.sum(1), 1)
+    assert soft.budget == int((soft.labels.argmax(1) != train.labels).sum())
+    with pytest.raises(BudgetError):
+        build_attack("flip", {**FAST, "budget": 10 * len(train)}).poison(train, seed=0, context=_ctx(tmp_path))
 
 
 def test_whole_set_label_batch_is_one_step_per_pass(tmp_path):

@@ -660,7 +660,9 @@ class Flip(Attack):
         target, sources = self.prologue(train)
         ctx = context or AttackContext()
         p = self.params
-        m = resolve_budget(p.budget, len(train), len(train), "labels")
+        # hard mode flips `budget` labels, checked before the experts train; soft mode changes every label's
+        # distribution and reports how many argmaxes moved, so it has no budget to check
+        m = resolve_budget(p.budget, len(train), len(train), "labels") if p.mode == "hard" else None
         trigger = p.trigger.build(train.image_shape, seed)
         model_cfg, recipe = self._expert_setup(ctx)
         head_only = recipe.finetune == "last"
