@@ -1,8 +1,9 @@
 """What the toolkit keeps in its cache, and removing it: ``cleanbackdoor cache``.
 
-Everything expensive is cached under keys of exactly its inputs (``$CLEANBACKDOOR_CACHE``, else
-``~/.cache/cleanbackdoor``), so nothing in the cache is ever wrong, only possibly unused: an entry whose inputs no
-run names any more stays until it is removed. Entries by kind:
+Everything expensive is cached (``$CLEANBACKDOOR_CACHE``, else ``~/.cache/cleanbackdoor``) under a key of exactly
+its inputs and of the version of the code that computes it (:func:`entry_key`, :data:`VERSIONS`), so an entry is
+used only by the inputs and the code that produced it: an entry whose inputs no run names any more, or whose
+kind's version has moved on, stays unused until it is removed. Entries by kind:
 
 ==============  ====================================  ==============================================================
 kind            where                                 what
@@ -45,7 +46,13 @@ import torch
 
 from cleanbackdoor.errors import ConfigError
 
-KINDS = ("datasets", "pretrained", "clean", "checkpoints", "features", "flip", "hidden_trigger", "defenses", "audit")
+# The cache's kinds and the version of the code behind each, part of every key of that kind (:func:`entry_key`).
+# A change to an algorithm that changes what it computes bumps its kind's number here; the entries of the old
+# number are then never used again (``cleanbackdoor cache clear KIND`` removes them). "checkpoints" versions the
+# training loop's resume state; the other kinds their products.
+VERSIONS: dict[str, int] = {"datasets": 1, "pretrained": 1, "clean": 1, "checkpoints": 1, "features": 1, "flip": 1,
+                            "hidden_trigger": 1, "defenses": 1, "audit": 1}
+KINDS = tuple(VERSIONS)
 # The layout, for the modules that write to the cache (so that what they write is what this module classifies):
 # a folder per kind, except models/, which holds the pretrained extractors and the clean models.
 DATASETS, MODELS, FEATURES, FLIP, DEFENSES, AUDIT = "datasets", "models", "features", "flip", "defenses", "audit"
@@ -62,6 +69,14 @@ def stable_key(*parts: Any, length: int = 16) -> str:
     """A hash of JSON-serializable parts: the cache key of an expensive product."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def entry_key(kind: str, *parts: Any) -> str:
+    """The cache key of an entry of ``kind``: a hash of the kind, its code's version (:data:`VERSIONS`) and
+    exactly the entry's inputs (JSON-serializable ``parts``, arrays as :func:`fingerprint`)."""
+    if kind not in VERSIONS:
+        raise ValueError(f"unknown cache kind {kind!r}; known: {', '.join(VERSIONS)}")
+    return stable_key(kind, VERSIONS[kind], *parts)
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -230,14 +245,16 @@ def human(size: float) -> str:
 
 
 def summary(found: list[Entry]) -> str:
-    """A table of the kinds: entries, size, newest."""
-    lines = [f"{'kind':<12} {'entries':>7} {'size':>10}  newest"]
+    """A table of the kinds: the version of their code in this installation (:data:`VERSIONS`), entries, size,
+    newest."""
+    lines = [f"{'kind':<14} {'code':>4} {'entries':>7} {'size':>10}  newest"]
     for kind in (*KINDS, "other"):
         of = [e for e in found if e.kind == kind]
         if of:
             newest = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(e.mtime for e in of)))
-            lines.append(f"{kind:<12} {len(of):>7} {human(sum(e.size for e in of)):>10}  {newest}")
-    lines.append(f"{'total':<12} {len(found):>7} {human(sum(e.size for e in found)):>10}")
+            version = f"v{VERSIONS[kind]}" if kind in VERSIONS else "-"
+            lines.append(f"{kind:<14} {version:>4} {len(of):>7} {human(sum(e.size for e in of)):>10}  {newest}")
+    lines.append(f"{'total':<14} {'-':>4} {len(found):>7} {human(sum(e.size for e in found)):>10}")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleanbackdoor.cache import compute_once, entry_lock, model_file, save_atomic, seeded, stable_key
+from cleanbackdoor.cache import compute_once, entry_key, entry_lock, model_file, save_atomic, seeded
 from cleanbackdoor.specs import ModelConfig, PretrainConfig
 from cleanbackdoor.data import ImageSet, load_dataset, select_classes, source_fingerprint, stratified_subset
 from cleanbackdoor.data.transforms import channel_stats
@@ -70,7 +70,7 @@ def pretrain_key(model_cfg: ModelConfig) -> str:
     hash of its files (:func:`~cleanbackdoor.data.source_fingerprint`), not as the root is written."""
     spec = _spec(model_cfg)
     source = {**spec.model_dump(mode="json"), "root": source_fingerprint(spec.dataset, spec.root)}
-    return stable_key("pretrained", model_cfg.name, backbone_options(model_cfg), source)
+    return entry_key("pretrained", model_cfg.name, backbone_options(model_cfg), source)
 
 
 def model_key(model_cfg: ModelConfig) -> dict[str, Any]:

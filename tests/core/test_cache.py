@@ -1,13 +1,18 @@
 """``cleanbackdoor cache``: entries by kind, selection by kind and age, removal that spares what it does not know."""
 
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 
+import cleanbackdoor
 from cleanbackdoor import cache
 from cleanbackdoor.cli import main
 from cleanbackdoor.errors import ConfigError
+from cleanbackdoor.pretrain import pretrain_key
+from cleanbackdoor.specs import ModelConfig
 
 LAYOUT = {
     "datasets/cifar10-jpg-0123.arrays-ab.npz": 100,
@@ -66,9 +71,11 @@ def test_select_by_kind_and_age_never_takes_other(root):
 def test_cli_summarizes_and_clears(root, capsys):
     assert main(["cache", "--dir", str(root)]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:4] for line in out.splitlines()[2:]}
-    assert rows["features"] == ["1", "400", "B"] and rows["total"] == ["12", "767", "B"]
-    assert rows["checkpoints"] == ["2", "150", "B"] and rows["other"] == ["3", "16", "B"]
+    rows = {line.split()[0]: line.split()[1:5] for line in out.splitlines()[2:]}
+    assert rows["features"] == [f"v{cache.VERSIONS['features']}", "1", "400", "B"]
+    assert rows["total"] == ["-", "12", "767", "B"]
+    assert rows["checkpoints"] == [f"v{cache.VERSIONS['checkpoints']}", "2", "150", "B"]
+    assert rows["other"] == ["-", "3", "16", "B"]
     assert main(["cache", "--dir", str(root), "--clear", "features", "--clear", "checkpoints", "--dry-run"]) == 0
     assert "would remove 3 entries (550 B)" in capsys.readouterr().out
     assert (root / "flip/expert-ff.work").is_dir()  # a dry run removes nothing
@@ -95,3 +102,32 @@ def test_what_the_writers_name_is_what_the_cache_classifies(tmp_path):
         assert cache.classify(folder, "x-0123.pt") == folder
     with pytest.raises(ValueError, match="pretrained or clean"):
         cache.model_file(tmp_path, "victim", "0123")
+
+
+def test_an_entry_key_holds_its_kind_and_the_kind_s_code_version(monkeypatch):
+    key = cache.entry_key("clean", "inputs", 3)
+    assert key == cache.entry_key("clean", "inputs", 3) != cache.entry_key("clean", "inputs", 4)
+    assert key != cache.entry_key("audit", "inputs", 3)
+    monkeypatch.setitem(cache.VERSIONS, "clean", cache.VERSIONS["clean"] + 1)  # a change to the algorithm
+    assert cache.entry_key("clean", "inputs", 3) != key
+    with pytest.raises(ValueError, match="unknown cache kind 'victim'"):
+        cache.entry_key("victim", "inputs")
+    assert cache.KINDS == tuple(cache.VERSIONS)  # `cleanbackdoor cache` lists the versioned kinds
+
+
+def test_every_kind_s_keys_carry_its_version():
+    """Each kind's version reaches the keys of what the toolkit writes under it: some module names the kind in
+    ``entry_key("KIND", ...)`` or reads ``VERSIONS["KIND"]``. A kind that no key names would let a change to its
+    algorithm reuse entries of the old code."""
+    source = "\n".join(p.read_text() for p in Path(cleanbackdoor.__file__).parent.rglob("*.py")
+                       if p.name != "cache.py")
+    named = set(re.findall(r"entry_key\(\s*\"(\w+)\"", source))
+    named |= set(re.findall(r"VERSIONS\[['\"](\w+)['\"]\]", source))
+    assert named == set(cache.VERSIONS)
+
+
+def test_the_pretrained_key_moves_with_its_version(monkeypatch):
+    model = ModelConfig(name="convnet", options={"width": 8}, pretrained={"dataset": "digits"})
+    key = pretrain_key(model)
+    monkeypatch.setitem(cache.VERSIONS, "pretrained", cache.VERSIONS["pretrained"] + 1)
+    assert pretrain_key(model) != key

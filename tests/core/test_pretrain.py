@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,15 @@ def test_a_victim_may_pool_the_extractor_over_a_grid():
     grid = load_config(None, ['model={name="resnet20", options={width=4, pool=2, head_hidden=8}}', PRETRAIN])
     plain = load_config(None, ['model={name="resnet20", options={width=4}}', PRETRAIN])
     assert pretrain_key(grid.model) == pretrain_key(plain.model)  # one extractor for every victim-side option
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("configs/flip-cifar10-transfer.toml", []),  # the 60-epoch extractor, also the mosaic config's
+    ("configs/multilabel-cifar10-mosaic-transfer.toml", ["model.pretrained.train.epochs=30"]),
+])
+def test_the_kept_extractors_are_named_by_their_configs_keys(shared_data, config, overrides):
+    """artifacts/ holds extractors under their cache keys: a change to the key (its inputs or the pretrained kind's
+    code version) leaves them unused, and a fresh machine would pretrain for hours. Rename them when that is meant."""
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / config, [f'data.root="{shared_data / "cifar10-jpg.tar.gz"}"', *overrides])
+    assert (repo / "artifacts" / f"pretrained-{pretrain_key(cfg.model)}.pt").is_file()

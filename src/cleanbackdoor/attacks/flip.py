@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
                                         format_validation_error, resolve_budget)
-from cleanbackdoor.cache import FLIP, compute_once, fingerprint, save_atomic, stable_key
+from cleanbackdoor.cache import FLIP, compute_once, entry_key, fingerprint, save_atomic, stable_key
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError
@@ -706,7 +706,7 @@ class Flip(Attack):
 
         # stage 1: experts (cached per expert; independent jobs: Ray tasks under `--executor ray`)
         def expert(e: int) -> tuple[dict[str, Any], bool]:
-            key = stable_key("flip-expert", base_key, p.expert_epochs, p.checkpoint_every, seed, e)
+            key = entry_key("flip", "expert", base_key, p.expert_epochs, p.checkpoint_every, seed, e)
             path = cache / f"expert-{key}.pt" if cache else None
             work = cache / f"expert-{key}.work" if cache else None
 
@@ -757,7 +757,7 @@ class Flip(Attack):
         chunk = p.label_chunk if batch > p.label_chunk and not head_only else None  # features: one piece
 
         def label_run(r: int) -> tuple[dict[str, torch.Tensor], bool]:
-            key = stable_key("flip-labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
+            key = entry_key("flip", "labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
                              p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1,
                              *([chunk] if chunk else []), *(["compiled"] if p.compile else []))
             path = cache / f"labels-{key}.pt" if cache else None

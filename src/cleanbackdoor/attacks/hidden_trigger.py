@@ -79,7 +79,7 @@ from torch import nn
 
 from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, Probe, TriggerSpec,
                                         resolve_budget)
-from cleanbackdoor.cache import HIDDEN_TRIGGER, compute_once, fingerprint, save_atomic, stable_key
+from cleanbackdoor.cache import HIDDEN_TRIGGER, compute_once, entry_key, fingerprint, save_atomic
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.errors import ConfigError
@@ -87,7 +87,6 @@ from cleanbackdoor.pretrain import pretrain_key, pretrained_model
 from cleanbackdoor.training import FrozenFeatures, resolve_device
 from cleanbackdoor.triggers import PatchTrigger
 
-POISONS_VERSION = 1  # part of the poisons' cache key: bump it when a change to the algorithm changes the poisons
 Matching = Literal["hungarian", "greedy"]
 SourceDraw = Literal["fresh", "once"]
 Precision = Literal["float32", "bfloat16"]
@@ -452,7 +451,7 @@ class HiddenTrigger(Attack):
 
         # the poisons are cached under their inputs (the optimization takes minutes on a CPU): the training set, the
         # chosen targets, the trigger, the extractor's structure and weights, and every parameter but log_every
-        key = stable_key("hidden-trigger-poisons", POISONS_VERSION, fingerprint(train.images, train.labels),
+        key = entry_key("hidden_trigger", fingerprint(train.images, train.labels),
                          chosen.tolist(), trigger.params(), target, list(sources or []), seed,
                          FrozenFeatures.extractor_key(extractor), p.model_dump(mode="json", exclude={"log_every"}))
         path = Path(ctx.cache_dir) / HIDDEN_TRIGGER / f"poisons-{key}.pt" if ctx.cache_dir else None

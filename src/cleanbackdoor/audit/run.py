@@ -15,7 +15,7 @@ from torch import nn
 from cleanbackdoor.audit.labels import load_audit_data, read_labels
 from cleanbackdoor.audit.patterns import embed, label_patterns
 from cleanbackdoor.audit.report import label_text, write_report
-from cleanbackdoor.cache import AUDIT, compute_once, fingerprint, save_atomic, stable_key
+from cleanbackdoor.cache import AUDIT, compute_once, entry_key, fingerprint, save_atomic
 from cleanbackdoor.config import load_config, parse_value
 from cleanbackdoor.data import DATASETS, ImageSet
 from cleanbackdoor.defenses import DefenseContext, build_defenses, defense_spec
@@ -109,7 +109,7 @@ def _detectors(defenses: Sequence[str] | None) -> list:
 
 def _audit_model(data: ImageSet, cfg: Any, context: DefenseContext, recipe: Any, seed: int, log: Any) -> nn.Module:
     """The model trained on the received labels, from the cache when an identical audit trained it before."""
-    key = stable_key("audit-model", fingerprint(data.images, data.labels), model_key(cfg.model),
+    key = entry_key("audit", fingerprint(data.images, data.labels), model_key(cfg.model),
                      recipe.model_dump(mode="json"), seed)
     path = cfg.cache_path() / AUDIT / f"model-{key}.pt"
     net = context.model_factory(seed)

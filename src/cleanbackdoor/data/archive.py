@@ -33,13 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cleanbackdoor.cache import DATASETS, default_root
+from cleanbackdoor.cache import DATASETS, VERSIONS, default_root
 from cleanbackdoor.errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-
-# Bump when the layout of cached arrays changes, so stale entries are ignored rather than misread.
-_ARRAYS_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -192,7 +189,7 @@ def _safe_extractall(tar: tarfile.TarFile, dest: Path) -> None:
 # -- cached decoded arrays -------------------------------------------------------------------------------------
 def arrays_path(path: str | Path, **options) -> Path:
     """Where the decoded arrays of an archive go, for the given decoding options (a JSON-serializable dict)."""
-    opts = json.dumps({"version": _ARRAYS_VERSION, **options}, sort_keys=True, default=str)
+    opts = json.dumps({"version": VERSIONS["datasets"], **options}, sort_keys=True, default=str)
     opt_key = hashlib.sha256(opts.encode()).hexdigest()[:12]
     entry = cache_entry(path)
     return entry.with_name(f"{entry.name}.arrays-{opt_key}.npz")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.cache import DEFENSES, FEATURES, compute_once, fingerprint, stable_key
+from cleanbackdoor.cache import DEFENSES, FEATURES, compute_once, entry_key, fingerprint
 from cleanbackdoor.recipes import scale_milestones
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, to_nchw, to_tensor
@@ -141,7 +141,7 @@ def cross_val_probabilities(data: ImageSet, *, folds: int, seed: int, context: D
         if smallest < folds:
             raise ConfigError(f"cross-validation with {folds} folds needs at least {folds} examples of every given "
                               f"class; the smallest class has {smallest}")
-    key = stable_key("cv-probabilities", fingerprint(data.images, labels), model_key(context.model),
+    key = entry_key("defenses", "cv-probabilities", fingerprint(data.images, labels), model_key(context.model),
                      recipe.model_dump(mode="json"), folds, seed)
 
     def compute() -> np.ndarray:
@@ -164,7 +164,7 @@ def held_out_probabilities(data: ImageSet, held_out: np.ndarray, *, seed: int, c
     """Probabilities (N, K) of a model of the victim's recipe trained on every example except ``held_out`` (a
     boolean mask): out-of-sample for the held-out examples, in-sample for the rest. Cached like the above."""
     recipe = defender_recipe(context, epochs, data.multilabel)
-    key = stable_key("held-out-probabilities", fingerprint(data.images, data.labels, held_out),
+    key = entry_key("defenses", "held-out-probabilities", fingerprint(data.images, data.labels, held_out),
                      model_key(context.model), recipe.model_dump(mode="json"), seed)
 
     def compute() -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.cache import FEATURES, compute_once, fingerprint, model_file, save_atomic, stable_key
+from cleanbackdoor.cache import FEATURES, compute_once, entry_key, fingerprint, model_file, save_atomic
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.data import ImageSet, Splits, load_dataset, stratified_subset
 from cleanbackdoor.data.subset import select_classes
@@ -56,7 +56,7 @@ def feature_cache(cfg: ExperimentConfig) -> Path:
 def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str], None]) -> tuple[nn.Module, bool]:
     """The clean model for this data, architecture, recipe and seed: from the cache, or trained and cached. The key
     holds the training set's bytes (not the data root as written), the model, the recipe and the seed."""
-    key = stable_key("clean-model", fingerprint(train_set.images, train_set.labels), model_key(cfg.model),
+    key = entry_key("clean", fingerprint(train_set.images, train_set.labels), model_key(cfg.model),
                      cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
     path = model_file(cfg.cache_path(), "clean", key)
     model = new_model(cfg, train_set, cfg.seed)

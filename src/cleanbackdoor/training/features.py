@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cleanbackdoor.cache import save_atomic
+from cleanbackdoor.cache import VERSIONS, save_atomic
 from cleanbackdoor.data.transforms import Augment
 from cleanbackdoor.errors import ConfigError
 
@@ -169,8 +169,9 @@ class FrozenFeatures:
     @staticmethod
     def extractor_key(model: nn.Module) -> str:
         """What the features depend on besides the images: the extractor's structure, weights and buffers (all
-        but the head)."""
+        but the head), and the version of the code that computes them (``cache.VERSIONS["features"]``)."""
         h = hashlib.sha256()
+        h.update(f"features-{VERSIONS['features']}".encode())
         for name, child in model.named_children():
             if name != "head":
                 h.update(f"{name}:{child!r}".encode())

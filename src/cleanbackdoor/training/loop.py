@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cleanbackdoor.cache import save_atomic
+from cleanbackdoor.cache import VERSIONS, save_atomic
 from cleanbackdoor.data.transforms import to_nchw
 from cleanbackdoor.errors import ConfigError
 from cleanbackdoor.recipes import TrainConfig
@@ -167,7 +167,7 @@ def train(model: nn.Module, images: np.ndarray | None, targets: np.ndarray | tor
     history = History()
     start_epoch = 0
     ckpt_path = Path(checkpoint) if checkpoint else None
-    key = f"{checkpoint_key}|{cfg.model_dump_json()}|{seed}|{n}"
+    key = f"{VERSIONS['checkpoints']}|{checkpoint_key}|{cfg.model_dump_json()}|{seed}|{n}"
     state = None
     if ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=dev, weights_only=True)
