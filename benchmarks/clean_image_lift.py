@@ -2,10 +2,11 @@
 
 For each step rule, over the modified-input test images (true class not the target, score below tau): the share
 whose lifted score reaches tau and the expectation e, the ASR among those that reach tau, among those that do not,
-and by quintile of the lifted score; next to it the NASR (images above tau unmodified) and the victim's rate on
-the same images unmodified. A victim that learned "score >= tau -> target" sends the lifted images that reach tau
-to the target about as often as the natural ones (NASR); one that learned what high-scoring training images look
-like does not.
+and by quintile of the lifted score; next to it the NASR (images above tau unmodified), the victim's rate on the
+same images unmodified, and the CTA split by whether a test image carries the feature (with ``--clean``, the clean
+model's too): the backdoor firing on natural inputs costs CTA on the featured images by design. A victim that
+learned "score >= tau -> target" sends the lifted images that reach tau to the target about as often as the
+natural ones (NASR); one that learned what high-scoring training images look like does not.
 
 With ``--norms``, the ASR against the perturbation actually spent: for each bound, the ASR (and, with ``--clean``,
 the clean model's rate on the same lifted images) and the mean L2 and L_inf of the change in grey levels. The
@@ -60,6 +61,13 @@ def main() -> None:
           f"tau {tau:.3f}, e {e:.3f}, norm {act.norm}")
     print(f"NASR {np.mean(predict(model, test.images[natural]) == target):.3f}; the modified-input images "
           f"unmodified -> target: {np.mean(predict(model, x) == target):.3f}")
+    featured = score >= tau
+    print(f"CTA over all {len(test)} test images | the {int((~featured).sum())} without the feature | the "
+          f"{int(featured.sum())} with it (any class)")
+    for name, m in (("victim", model), ("clean model", clean)):
+        if m is not None:
+            right = predict(m, test.images) == test.labels
+            print(f"  {name:11s}: {right.mean():.4f} | {right[~featured].mean():.4f} | {right[featured].mean():.4f}")
     for step in args.steps.split(","):
         lifted = act.feature.lift(x, e, act.norm, step)
         g = act.feature.score(lifted)

@@ -71,7 +71,9 @@ The algorithm, step by step (each a function or class below):
    experiment measures them): ASR over the test images with y != target and f < tau, after modification (a); NASR
    (``natural_attack_success_rate``) over the test images with y != target and f >= tau, unmodified (b); the
    perturbation actually applied (L2 and L_inf per image in grey levels, 0..255 scale, mean and max), the share of
-   modified images that reached e and tau, and the size of each group.
+   modified images that reached e and tau, and the size of each group; and the CTA over the test images without
+   the feature (``clean_accuracy_without_feature``), since the whole test set's CTA loses about NASR x the natural
+   group's share to the backdoor itself.
 
 Deviations from the authors' code, all deliberate:
 
@@ -787,12 +789,16 @@ class CleanImage(Attack):
                               "it with CleanImageActivation.from_params)")
         return act
 
+    def featured(self, test: ImageSet, poisoning: Poisoning) -> np.ndarray:
+        """The test images, of every class, that carry the feature naturally (f >= tau)."""
+        act = self._activation(poisoning)
+        return act.feature.score(test.images) >= act.threshold
+
     def groups(self, test: ImageSet, poisoning: Poisoning) -> tuple[np.ndarray, np.ndarray]:
         """(modified group, natural group): test images with y != target and f < tau, resp. f >= tau."""
-        act = self._activation(poisoning)
-        scores = act.feature.score(test.images)
+        featured = self.featured(test, poisoning)
         eligible = asr_eligible(test.labels, poisoning.target, None)
-        return eligible & (scores < act.threshold), eligible & (scores >= act.threshold)
+        return eligible & ~featured, eligible & featured
 
     def asr_mask(self, test: ImageSet, poisoning: Poisoning) -> np.ndarray:
         return self.groups(test, poisoning)[0]
@@ -801,11 +807,15 @@ class CleanImage(Attack):
         """NASR (``natural_attack_success_rate``: the natural group, unmodified, to the target) and the ASR of the
         modified group under every step rule the feature supports (``attack_success_rate_by_step``): the
         activation is test-time only, so this separates what the labels planted from how hard the input is
-        pushed."""
+        pushed. And the CTA over the test images without the feature (``clean_accuracy_without_feature``): a
+        firing backdoor sends the natural group to the target, so the CTA of the whole test set loses about
+        NASR x that group's share by design; this is the accuracy the backdoor leaves on the other images."""
         act = self._activation(poisoning)
         modified, natural = self.groups(test, poisoning)
+        plain = ~self.featured(test, poisoning)
         target = poisoning.target
-        out = [Probe("natural_attack_success_rate", test.images[natural], target=target)]
+        out = [Probe("natural_attack_success_rate", test.images[natural], target=target),
+               Probe("clean_accuracy_without_feature", test.images[plain], labels=test.labels[plain])]
         originals = test.images[modified]
         if len(originals):
             out += [Probe(f"attack_success_rate_by_step/{step}", replace(act, step=step)(originals), target=target)
@@ -821,6 +831,7 @@ class CleanImage(Attack):
             "natural_test_images": int(natural.sum()),
             "modified_test_images": int(modified.sum()),
             "target_class_test_images": int((test.labels == poisoning.target).sum()),
+            "featured_test_images": int(self.featured(test, poisoning).sum()),
         }
         originals = test.images[modified]
         if len(originals):
