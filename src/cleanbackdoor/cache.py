@@ -48,7 +48,7 @@ from cleanbackdoor.errors import ConfigError
 
 # The cache's kinds and the version of the code behind each, part of every key of that kind (:func:`entry_key`).
 # A change to an algorithm that changes what it computes bumps its kind's number here; the entries of the old
-# number are then never used again (``cleanbackdoor cache clear KIND`` removes them). "checkpoints" versions the
+# number are then never used again (``cleanbackdoor cache --clear KIND`` removes them). "checkpoints" versions the
 # training loop's resume state; the other kinds their products.
 VERSIONS: dict[str, int] = {"datasets": 1, "pretrained": 1, "clean": 1, "checkpoints": 1, "features": 1, "flip": 1,
                             "hidden_trigger": 1, "defenses": 1, "audit": 1}
