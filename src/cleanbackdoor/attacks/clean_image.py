@@ -732,12 +732,14 @@ class CleanImage(Attack):
         p = self.params
         options = feature_options(p.feature)
 
-        shares: dict[int, float] = {}  # id(feature) -> its liftable share, computed once per candidate
+        # id(feature) -> (the feature, its liftable share), computed once per candidate; the feature is held so
+        # that its id cannot pass to another object while the table lives
+        shares: dict[int, tuple[TriggerFeature, float]] = {}
 
         def share(f: TriggerFeature) -> float:
             if id(f) not in shares:
-                shares[id(f)] = liftable_share(f, train.images, p.ratio, p.norm, p.step, seed=seed)
-            return shares[id(f)]
+                shares[id(f)] = (f, liftable_share(f, train.images, p.ratio, p.norm, p.step, seed=seed))
+            return shares[id(f)][1]
 
         def most_liftable(candidates: list[TriggerFeature]) -> int:
             values = [share(f) for f in candidates]
@@ -794,9 +796,12 @@ class CleanImage(Attack):
         act = self._activation(poisoning)
         return act.feature.score(test.images) >= act.threshold
 
-    def groups(self, test: ImageSet, poisoning: Poisoning) -> tuple[np.ndarray, np.ndarray]:
-        """(modified group, natural group): test images with y != target and f < tau, resp. f >= tau."""
-        featured = self.featured(test, poisoning)
+    def groups(self, test: ImageSet, poisoning: Poisoning,
+               featured: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(modified group, natural group): test images with y != target and f < tau, resp. f >= tau (from
+        ``featured``, :meth:`featured`'s mask, when the caller has it)."""
+        if featured is None:
+            featured = self.featured(test, poisoning)
         eligible = asr_eligible(test.labels, poisoning.target, None)
         return eligible & ~featured, eligible & featured
 
@@ -811,8 +816,9 @@ class CleanImage(Attack):
         firing backdoor sends the natural group to the target, so the CTA of the whole test set loses about
         NASR x that group's share by design; this is the accuracy the backdoor leaves on the other images."""
         act = self._activation(poisoning)
-        modified, natural = self.groups(test, poisoning)
-        plain = ~self.featured(test, poisoning)
+        featured = self.featured(test, poisoning)
+        modified, natural = self.groups(test, poisoning, featured)
+        plain = ~featured
         target = poisoning.target
         out = [Probe("natural_attack_success_rate", test.images[natural], target=target),
                Probe("clean_accuracy_without_feature", test.images[plain], labels=test.labels[plain])]
@@ -826,12 +832,13 @@ class CleanImage(Attack):
         """The size of each group, the perturbation the activation applies to the modified group (L2 and L_inf
         per image in grey levels) and the share of it lifted to e and to tau."""
         act = self._activation(poisoning)
-        modified, natural = self.groups(test, poisoning)
+        featured = self.featured(test, poisoning)
+        modified, natural = self.groups(test, poisoning, featured)
         out: dict[str, Any] = {
             "natural_test_images": int(natural.sum()),
             "modified_test_images": int(modified.sum()),
             "target_class_test_images": int((test.labels == poisoning.target).sum()),
-            "featured_test_images": int(self.featured(test, poisoning).sum()),
+            "featured_test_images": int(featured.sum()),
         }
         originals = test.images[modified]
         if len(originals):
