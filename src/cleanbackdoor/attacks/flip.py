@@ -758,8 +758,8 @@ class Flip(Attack):
 
         def label_run(r: int) -> tuple[dict[str, torch.Tensor], bool]:
             key = entry_key("flip", "labels", base_key, p.expert_epochs, p.checkpoint_every, p.n_experts, seed, r,
-                             p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1,
-                             *([chunk] if chunk else []), *(["compiled"] if p.compile else []))
+                            p.label_passes, p.label_lr, p.label_momentum, batch, p.init_scale, p.l1,
+                            *([chunk] if chunk else []), *(["compiled"] if p.compile else []))
             path = cache / f"labels-{key}.pt" if cache else None
             work = cache / f"labels-{key}.work" if cache else None
 

@@ -452,8 +452,8 @@ class HiddenTrigger(Attack):
         # the poisons are cached under their inputs (the optimization takes minutes on a CPU): the training set, the
         # chosen targets, the trigger, the extractor's structure and weights, and every parameter but log_every
         key = entry_key("hidden_trigger", fingerprint(train.images, train.labels),
-                         chosen.tolist(), trigger.params(), target, list(sources or []), seed,
-                         FrozenFeatures.extractor_key(extractor), p.model_dump(mode="json", exclude={"log_every"}))
+                        chosen.tolist(), trigger.params(), target, list(sources or []), seed,
+                        FrozenFeatures.extractor_key(extractor), p.model_dump(mode="json", exclude={"log_every"}))
         path = Path(ctx.cache_dir) / HIDDEN_TRIGGER / f"poisons-{key}.pt" if ctx.cache_dir else None
 
         found, loaded = compute_once(path, optimize, lambda path: torch.load(path, weights_only=True), save_atomic)

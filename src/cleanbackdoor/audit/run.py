@@ -110,7 +110,7 @@ def _detectors(defenses: Sequence[str] | None) -> list:
 def _audit_model(data: ImageSet, cfg: Any, context: DefenseContext, recipe: Any, seed: int, log: Any) -> nn.Module:
     """The model trained on the received labels, from the cache when an identical audit trained it before."""
     key = entry_key("audit", fingerprint(data.images, data.labels), model_key(cfg.model),
-                     recipe.model_dump(mode="json"), seed)
+                    recipe.model_dump(mode="json"), seed)
     path = cfg.cache_path() / AUDIT / f"model-{key}.pt"
     net = context.model_factory(seed)
 

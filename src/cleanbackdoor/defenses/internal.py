@@ -142,7 +142,7 @@ def cross_val_probabilities(data: ImageSet, *, folds: int, seed: int, context: D
             raise ConfigError(f"cross-validation with {folds} folds needs at least {folds} examples of every given "
                               f"class; the smallest class has {smallest}")
     key = entry_key("defenses", "cv-probabilities", fingerprint(data.images, labels), model_key(context.model),
-                     recipe.model_dump(mode="json"), folds, seed)
+                    recipe.model_dump(mode="json"), folds, seed)
 
     def compute() -> np.ndarray:
         splitter = (KFold(folds, shuffle=True, random_state=seed) if multilabel
@@ -165,7 +165,7 @@ def held_out_probabilities(data: ImageSet, held_out: np.ndarray, *, seed: int, c
     boolean mask): out-of-sample for the held-out examples, in-sample for the rest. Cached like the above."""
     recipe = defender_recipe(context, epochs, data.multilabel)
     key = entry_key("defenses", "held-out-probabilities", fingerprint(data.images, data.labels, held_out),
-                     model_key(context.model), recipe.model_dump(mode="json"), seed)
+                    model_key(context.model), recipe.model_dump(mode="json"), seed)
 
     def compute() -> np.ndarray:
         model = train_defender_model(data, np.flatnonzero(~held_out), recipe, seed=seed + 2000, context=context,

@@ -57,7 +57,7 @@ def clean_model(cfg: ExperimentConfig, train_set: ImageSet, log: Callable[[str],
     """The clean model for this data, architecture, recipe and seed: from the cache, or trained and cached. The key
     holds the training set's bytes (not the data root as written), the model, the recipe and the seed."""
     key = entry_key("clean", fingerprint(train_set.images, train_set.labels), model_key(cfg.model),
-                     cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
+                    cfg.train.model_dump(mode="json"), cfg.seed, len(train_set))
     path = model_file(cfg.cache_path(), "clean", key)
     model = new_model(cfg, train_set, cfg.seed)
 
