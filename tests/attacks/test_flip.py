@@ -218,6 +218,31 @@ def test_student_reads_the_clean_origin_of_every_entry(monkeypatch):
         assert not torch.equal(x_s, x_e)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_label_optimization_runs_on_cuda_with_a_model_built_on_the_cpu():
+    """The attack builds the student on the CPU and the label data on the run's device: the student's buffers (the
+    input normalization) must follow the data (on the first H200 run the label stage stopped on a cpu/cuda
+    mismatch). The labels learned on the GPU equal the CPU's to float tolerance."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    trig = build_trigger("patch", (1, 8, 8), size=2, pattern="white")
+    ext, ext_labels, origin = poisoned_training_set(images, labels, trig, (2,), 0)
+    recipe = TrainConfig(epochs=1, batch_size=4, lr=0.05)
+    traj, _ = train_expert(_model(), ext, ext_labels, recipe, expert_epochs=1, checkpoint_every=1, seed=0,
+                           device=torch.device("cpu"), progress=False)
+    learned = []
+    for dev in (torch.device("cpu"), torch.device("cuda")):
+        data = LabelData.build(images, labels, ext, ext_labels, origin, dev)
+        torch.manual_seed(0)
+        logits, _ = optimize_labels(FunctionalSGD(_model(), recipe), [traj], data, 3, Augment(), passes=2,
+                                    batch_size=8, lr=1.0, momentum=0.0, init_scale=5.0, l1=0.0, seed=0,
+                                    progress=False)
+        learned.append(logits.detach().cpu())
+    torch.testing.assert_close(learned[1], learned[0], rtol=1e-4, atol=1e-4)
+
+
 def test_head_only_label_step_equals_the_full_model_step_with_a_frozen_backbone():
     """FLIP on cached features: the head-only step on the frozen extractor's features is the step of the whole
     model whose backbone is frozen (batch norm in eval mode), to float tolerance, by both routes."""

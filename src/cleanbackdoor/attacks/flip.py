@@ -304,6 +304,12 @@ class FunctionalSGD:
         # slope of the update with respect to the gradient: theta' = ... - lr * slope * g
         self.slope = (1 + self.momentum) if self.nesterov else 1.0
 
+    def to(self, device: torch.device) -> FunctionalSGD:
+        """The fixed part of the function (buffers such as the input normalization, frozen layers) on ``device``,
+        the device of the parameters and data it is called with."""
+        self.module.to(device)
+        return self
+
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
@@ -481,6 +487,7 @@ def optimize_labels(fs: FunctionalSGD, trajectories: list[Trajectory], data: Lab
         gen.set_state(state["generator"].cpu())
         start, losses = int(state["pass"]), list(state["losses"])
     trajs = [t.to(dev) for t in trajectories]
+    fs.to(dev)  # the student's fixed tensors where its parameters and data are (a model built on the CPU)
     if compile and method != "autograd":
         raise ConfigError("compile covers the autograd label step, not the linearized one")
     matching = torch.compile(matching_loss_and_label_grad) if compile else matching_loss_and_label_grad
