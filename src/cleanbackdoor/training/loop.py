@@ -8,6 +8,7 @@ runs at the speed of a bare PyTorch loop (``benchmarks/training_throughput.py`` 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,6 +198,8 @@ def train(model: nn.Module, images: np.ndarray | None, targets: np.ndarray | tor
     last_epoch = cfg.epochs if stop_epoch is None else min(cfg.epochs, stop_epoch)
     bar = tqdm(range(start_epoch, last_epoch), desc=desc, disable=None if progress else True, leave=False,
                dynamic_ncols=True)  # None: only on a terminal
+    # without a terminal (a log file, a job on another machine) the bar is off: a plain line every tenth of the run
+    plain_every = max(1, cfg.epochs // 10) if progress and bar.disable else 0
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
@@ -235,6 +238,9 @@ def train(model: nn.Module, images: np.ndarray | None, targets: np.ndarray | tor
         history.lr.append(lr)
         history.seconds.append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{epoch_loss:.3f}")
+        if plain_every and (epoch + 1 == start_epoch + 1 or (epoch + 1) % plain_every == 0 or epoch + 1 == last_epoch):
+            print(f"{desc}: epoch {epoch + 1}/{cfg.epochs}, loss {epoch_loss:.4f}, {history.seconds[-1]:.1f} s",
+                  file=sys.stderr, flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, model, opt)
         if ckpt_path is not None:
