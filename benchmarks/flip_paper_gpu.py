@@ -11,7 +11,7 @@ under 10 minutes on one H200; ``--smoke`` runs the same pipeline on 2,000 images
 that the script works, not a result).
 
     PYTHONPATH=src python benchmarks/flip_paper_gpu.py --root ../shared/data/cifar10-jpg.tar.gz [--epochs 50]
-        [--expert-epochs 20] [--passes 5] [--amp] [--out runs/flip-paper-gpu]
+        [--expert-epochs 20] [--passes 5] [--amp] [--compile] [--out runs/flip-paper-gpu]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5, help="label passes (the authors' example: 5)")
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the victims (CUDA only)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile and channels-last for the victims")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/flip-paper-gpu")
     ap.add_argument("--smoke", action="store_true", help="2,000 training images, 2 epochs: the pipeline only")
@@ -45,7 +46,8 @@ def main() -> None:
                  "examples=0", f"attack.budget={args.budget}", "attack.n_experts=1",
                  f"attack.expert_epochs={args.expert_epochs}", f"attack.label_passes={args.passes}",
                  "attack.expert_schedule='authors'",
-                 f"train={{preset='flip-cifar', epochs={args.epochs}, amp={str(args.amp).lower()}}}"]
+                 f"train={{preset='flip-cifar', epochs={args.epochs}, amp={str(args.amp).lower()}, "
+                 f"compile={str(args.compile).lower()}, channels_last={str(args.compile).lower()}}}"]
     if args.smoke:
         overrides += ["data.train_per_class=200", "data.test_per_class=100", "attack.budget=40",
                       "attack.expert_epochs=1", "attack.label_passes=1", "attack.checkpoint_every=2",
