@@ -5,8 +5,12 @@ import tomllib
 
 import numpy as np
 
+from cleanbackdoor import cache
 from cleanbackdoor.attacks import Poisoning
 from cleanbackdoor.cli import main
+from cleanbackdoor.config import load_config
+from cleanbackdoor.experiment import finished_metrics
+from cleanbackdoor.experiment.defense_table import experiment_key, reusable_run
 
 
 def test_badnets_run_plants_a_backdoor(tmp_path, monkeypatch, capsys):
@@ -57,3 +61,19 @@ def test_a_failing_run_leaves_the_earlier_result_intact(tmp_path, monkeypatch):
     (other / "thesis.tex").write_text("x")
     assert main(["run", "--attack", "badnets", "--out", str(other), "--quiet", "--set", "train.epochs=1"]) == 2
     assert (other / "thesis.tex").exists()
+
+
+def test_a_finished_run_is_read_back_only_under_the_code_versions_that_wrote_it(tmp_path, monkeypatch):
+    """Sweeps, `reproduce` and the defense table read finished runs back instead of running them again; a run
+    written before a change to an algorithm (a bumped cache version) must run again."""
+    monkeypatch.setenv("CLEANBACKDOOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["run", "--attack", "badnets", "--out", str(out), "--quiet", "--set", "train.epochs=1",
+                 "--set", "examples=0"]) == 0
+    cfg = load_config(out / "config.toml")
+    assert json.loads((out / "metrics.json").read_text())["code_versions"] == cache.VERSIONS
+    assert finished_metrics(cfg) is not None and reusable_run(cfg) == out
+    key = experiment_key(cfg)
+    monkeypatch.setitem(cache.VERSIONS, "clean", cache.VERSIONS["clean"] + 1)
+    assert finished_metrics(cfg) is None and reusable_run(cfg) is None
+    assert experiment_key(cfg) != key

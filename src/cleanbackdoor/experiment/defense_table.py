@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from cleanbackdoor.attacks import AttackContext, Poisoning, build_attack
-from cleanbackdoor.cache import stable_key
+from cleanbackdoor.cache import VERSIONS, stable_key
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, load_config
 from cleanbackdoor.data import source_fingerprint
 from cleanbackdoor.errors import ConfigError, DataError
 from cleanbackdoor.executor import Executor, Job, Serial
 from cleanbackdoor.experiment.defense_stage import run_defenses
-from cleanbackdoor.experiment.run import run_experiment, to_json_value
+from cleanbackdoor.experiment.run import run_experiment, to_json_value, written_by_this_code
 from cleanbackdoor.experiment.stages import load_data, new_model
 from cleanbackdoor.pretrain import model_key
 from cleanbackdoor.report import percent
@@ -46,7 +46,8 @@ VOLATILE = ("out", "progress", "device", "examples", "cache_dir")
 
 def experiment_key(cfg: ExperimentConfig, with_defenses: bool = True) -> str:
     """What a row's figures depend on: the config less VOLATILE, its data (and a pretrained extractor's source
-    data) as hashes of their files where they resolve, so that another spelling of the same root reuses the run."""
+    data) as hashes of their files where they resolve, so that another spelling of the same root reuses the run,
+    and the versions of the code (:data:`VERSIONS`: a row is computed by all of it)."""
     d = {k: v for k, v in config_to_dict(cfg).items() if k not in VOLATILE}
     try:
         d["data"] = {**d["data"], "root": source_fingerprint(cfg.data.name, cfg.data.root)}
@@ -55,7 +56,7 @@ def experiment_key(cfg: ExperimentConfig, with_defenses: bool = True) -> str:
         pass
     if not with_defenses:
         d.pop("defenses", None)
-    return stable_key("experiment", d)
+    return stable_key("experiment", VERSIONS, d)
 
 
 def reusable_run(cfg: ExperimentConfig) -> Path | None:
@@ -67,6 +68,8 @@ def reusable_run(cfg: ExperimentConfig) -> Path | None:
     try:
         stored = load_config(folder / "config.toml")
     except ConfigError:
+        return None
+    if not written_by_this_code(json.loads((folder / "metrics.json").read_text())):
         return None
     return folder if experiment_key(stored, False) == experiment_key(cfg, False) else None
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cleanbackdoor.attacks import AttackContext, Poisoning, build_attack
-from cleanbackdoor.cache import fingerprint, stable_key
+from cleanbackdoor.cache import VERSIONS, fingerprint, stable_key
 from cleanbackdoor.config import ExperimentConfig, config_to_dict, dump_toml
 from cleanbackdoor.data import Splits
 from cleanbackdoor.errors import ConfigError
@@ -89,12 +89,20 @@ def _publish(work: Path, final: Path) -> None:
 
 def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The metrics of a completed run of exactly this config in its output folder (its ``config.toml`` equal to
-    this config's), else None: what an interrupted sweep or ``reproduce`` reads back instead of running again."""
+    this config's), computed by the same versions of the algorithms (:func:`written_by_this_code`), else None: what
+    an interrupted sweep or ``reproduce`` reads back instead of running again."""
     final = cfg.output_dir()
     done, written = final / "metrics.json", final / "config.toml"
     if done.is_file() and written.is_file() and written.read_text() == dump_toml(config_to_dict(cfg)):
-        return json.loads(done.read_text())
+        metrics = json.loads(done.read_text())
+        return metrics if written_by_this_code(metrics) else None
     return None
+
+
+def written_by_this_code(metrics: dict[str, Any]) -> bool:
+    """Whether a run's ``metrics.json`` was written under the cache versions of this code (:data:`VERSIONS`,
+    recorded as ``code_versions``): a run from before a change to an algorithm is never read back as current."""
+    return metrics.get("code_versions") == VERSIONS
 
 
 def experiment_metrics(cfg: ExperimentConfig, executor: Any = None) -> dict[str, Any]:
@@ -197,6 +205,7 @@ def run_experiment(cfg: ExperimentConfig, echo: bool = True, executor: Any = Non
         with timer.stage("plots"):
             plot_examples(model, test_set, attack, poisoning, out / "examples.png", cfg.examples, seed=cfg.seed)
     metrics["seconds"] = timer.seconds
+    metrics["code_versions"] = dict(VERSIONS)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=to_json_value))
 
     log(metrics_table(metrics))
