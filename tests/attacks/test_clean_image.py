@@ -301,7 +301,7 @@ def test_draws_keep_the_most_liftable_random_kernel():
     ({"feature": {"name": "corner_kernel", "kernel": [[1.0, 2.0]]}}, "square s x s"),
     ({"feature": {"name": "corner_kernel", "kernel": [[0.0, 0.0], [0.0, 0.0]]}}, "not all zero"),
     ({"feature": {"name": "corner_kernel", "kernel": [[1.0]], "size": 3}}, "does not match the given 1x1"),
-    ({"feature": {"name": "corner_kernel", "kernel": "learned", "draws": 4}}, "random kernel only"),
+    ({"feature": {"name": "corner_kernel", "kernel": "learned", "draws": 4}}, "with the learned kernel set draws = 1"),
     ({"feature": {"name": "corner_kernel", "draws": 0}}, "draws"),
 ])
 def test_bad_parameters_are_config_errors(params, match):

@@ -340,7 +340,9 @@ class CornerKernelOptions(BaseModel):
         if isinstance(self.kernel, list) and self.size is not None and self.size != len(self.kernel):
             raise ValueError(f"size {self.size} does not match the given {len(self.kernel)}x{len(self.kernel)} kernel")
         if self.draws > 1 and self.kernel != "random":
-            raise ValueError("draws applies to the random kernel only")
+            kind = "a given" if isinstance(self.kernel, list) else f"the {self.kernel}"
+            raise ValueError(f"draws = {self.draws} chooses among random kernels; with {kind} kernel set draws = 1 "
+                             "(a recipe's draws stay when --set changes only the kernel)")
         return self
 
 
