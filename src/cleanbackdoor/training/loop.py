@@ -238,7 +238,7 @@ def train(model: nn.Module, images: np.ndarray | None, targets: np.ndarray | tor
         history.lr.append(lr)
         history.seconds.append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{epoch_loss:.3f}")
-        if plain_every and (epoch + 1 == start_epoch + 1 or (epoch + 1) % plain_every == 0 or epoch + 1 == last_epoch):
+        if plain_every and (epoch == start_epoch or (epoch + 1) % plain_every == 0 or epoch + 1 == last_epoch):
             print(f"{desc}: epoch {epoch + 1}/{cfg.epochs}, loss {epoch_loss:.4f}, {history.seconds[-1]:.1f} s",
                   file=sys.stderr, flush=True)
         if on_epoch_end is not None:
