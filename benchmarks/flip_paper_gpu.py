@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/flip-paper-gpu")
     ap.add_argument("--smoke", action="store_true", help="2,000 training images, 2 epochs: the pipeline only")
     args = ap.parse_args()
-    overrides = [f"data.root={args.root!r}", f"out={args.out!r}", f"device={args.device!r}", "progress=false",
+    overrides = [f"data.root={args.root!r}", f"out={args.out!r}", f"device={args.device!r}",
                  "examples=0", f"attack.budget={args.budget}", "attack.n_experts=1",
                  f"attack.expert_epochs={args.expert_epochs}", f"attack.label_passes={args.passes}",
                  "attack.expert_schedule='authors'",
@@ -54,12 +54,15 @@ def main() -> None:
                       "train={preset='flip-cifar', epochs=2}"]
     cfg = load_config(CONFIG, overrides)
     t0 = time.perf_counter()
-    m = run_experiment(cfg, echo=False).metrics
+    # the run's log lines (and one line per tenth of each training when no terminal shows a bar) stream as they
+    # come, so a run cut short by a deadline still says how far each stage got and how long it took
+    m = run_experiment(cfg, echo=True).metrics
     total = time.perf_counter() - t0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
     rows = [("FLIP victim", m), ("clean model", m["clean_model"]), ("dirty-label control", m["dirty_label_control"])]
     print(f"FLIP, {m['poisoned_examples']} flips of {m['train_size']} ({cfg.model.name}, {cfg.train.epochs}-epoch "
-          f"victims, {args.expert_epochs} expert epochs, {args.passes} label passes) on {device}")
+          f"victims, {cfg.attack['expert_epochs']} expert epochs, {cfg.attack['label_passes']} label passes) "
+          f"on {device}")
     print(f"{'':22}{'CTA':>8}{'ASR':>8}{'noT':>8}")
     for name, r in rows:
         print(f"{name:22}" + "".join(f"{100 * r[k]:7.1f}%" for k in ("clean_accuracy", "attack_success_rate",
