@@ -57,6 +57,30 @@ def test_evaluate_measures_declared_probes_by_hand_counts():
     assert out["probe_images"] == 7
 
 
+def test_evaluate_predicts_each_distinct_image_set_once():
+    class Counting(Brightness):
+        images_seen = 0
+
+        def forward(self, x):
+            Counting.images_seen += len(x)
+            return super().forward(x)
+
+    class Repeating(Declaring):
+        def probes(self, test, poisoning):  # the test set again, then two equal sets and one that differs
+            return [Probe("again", test.images, labels=test.labels), Probe("first", images(0, 255), target=2),
+                    Probe("second", images(0, 255), target=2), Probe("other", images(255, 0), target=2)]
+
+        def test_figures(self, test, poisoning):
+            return {}
+
+    test = ImageSet(images(0, 128, 255, 255), np.array([0, 1, 2, 0]), ("a", "b", "c"))
+    poisoning = Poisoning("declaring", test.labels, np.zeros(4, bool), None, None, None, 0)
+    out = evaluate(Counting(), test, Repeating(), poisoning)
+    assert Counting.images_seen == 4 + 2 + 2  # the test set, then each distinct pair once
+    assert out["again"] == out["clean_accuracy"] == pytest.approx(3 / 4)
+    assert out["first"] == out["second"] == out["other"] == pytest.approx(1 / 2)
+
+
 def test_a_probe_takes_a_target_or_labels():
     with pytest.raises(ValueError, match="target or labels"):
         Probe("both", images(0), target=1, labels=np.array([1]))
