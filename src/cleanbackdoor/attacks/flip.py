@@ -615,7 +615,21 @@ FLIP_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def _resumable_entry(path: Path | None, work: Path | None,
+                     fit: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """A cached stage (an expert, a label run): loaded from ``path`` when it exists, else ``fit`` (which resumes from
+    its snapshots in the folder ``work``), saved atomically, and ``work`` removed once the entry is written."""
+
+    def save(state: dict[str, Any], path: Path) -> None:
+        save_atomic(state, path)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return compute_once(path, fit, lambda path: torch.load(path, map_location="cpu", weights_only=True), save)
+
+
 # -- the attack ---------------------------------------------------------------------------------------------
+
 class Flip(Attack):
     """FLIP (Jha, Hayase, Oh, NeurIPS 2023): flip the labels that make a victim follow experts trained with the trigger.
 
@@ -730,12 +744,7 @@ class Flip(Attack):
                     work_dir=work, progress=ctx.progress, desc=f"expert {e + 1}/{p.n_experts}")
                 return {**traj.state(), "curve": curve, "heldout": heldout_key}
 
-            def save(state: dict[str, Any], path: Path) -> None:
-                save_atomic(state, path)
-                shutil.rmtree(work, ignore_errors=True)
-
-            return compute_once(path, fit, lambda path: torch.load(path, map_location="cpu", weights_only=True),
-                                save)
+            return _resumable_entry(path, work, fit)
 
         trajectories, curves = [], []
         jobs = [Job(f"flip expert {e + 1}", expert, (e,)) for e in range(p.n_experts)]
@@ -780,12 +789,7 @@ class Flip(Attack):
                     desc=f"label run {r + 1}/{p.label_runs}", log=log, compile=p.compile)
                 return {"logits": logits, "losses": torch.tensor(run_losses)}
 
-            def save(state: dict[str, torch.Tensor], path: Path) -> None:
-                save_atomic(state, path)
-                shutil.rmtree(work, ignore_errors=True)
-
-            return compute_once(path, fit, lambda path: torch.load(path, map_location="cpu", weights_only=True),
-                                save)
+            return _resumable_entry(path, work, fit)
 
         runs, losses = [], []
         jobs = [Job(f"flip label run {r + 1}", label_run, (r,)) for r in range(p.label_runs)]
