@@ -629,7 +629,6 @@ def _resumable_entry(path: Path | None, work: Path | None,
 
 
 # -- the attack ---------------------------------------------------------------------------------------------
-
 class Flip(Attack):
     """FLIP (Jha, Hayase, Oh, NeurIPS 2023): flip the labels that make a victim follow experts trained with the trigger.
 
