@@ -8,7 +8,7 @@
 #             schedule (20 epochs), 5 label passes, 1,000 flips; FLIP victim, clean model and dirty-label control of
 #             $FLIP_EPOCHS epochs (issue 19)
 #   VOC       the multi-label VOC recipe at 128x128, misclassification seed 0, then appearing and disappearing
-#             seed 1 (issue 23; seed 0's appearing and disappearing ran on 2026-12-04)
+#             seed 1 (issue 23; seed 0's appearing and disappearing are in docs/attacks/multilabel.md)
 #
 # Measured on an H200 (2026-12-04, one process, not compiled): ResNet-20 on all of CIFAR-10 takes 3.2-5.1 s an
 # epoch, the VOC ResNet-20 at 128 px 1.6 s. Two lanes at once slowed each about twofold, and FLIP with 40-epoch
