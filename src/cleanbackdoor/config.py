@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import PydanticCustomError
 
 from cleanbackdoor.attacks import ATTACKS, recipe, require_recipe
-from cleanbackdoor.attacks.base import format_validation_error
+from cleanbackdoor.components import format_validation_error
 from cleanbackdoor.cache import default_root
 from cleanbackdoor.defenses import build_defenses, defense_spec
 from cleanbackdoor.errors import ConfigError

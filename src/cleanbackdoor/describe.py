@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cleanbackdoor.attacks import ATTACKS
-from cleanbackdoor.attacks.base import doc_summary, field_default, type_name
+from cleanbackdoor.components import doc_summary, field_default, type_name
 from cleanbackdoor.defenses import DEFENSES
 from cleanbackdoor.errors import unknown_name
 from cleanbackdoor.models import MODELS

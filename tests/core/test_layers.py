@@ -2,6 +2,8 @@
 in LAYERS, never from above, and imports the toolkit's modules at the top of the file (docs/architecture.md)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import cleanbackdoor
@@ -10,6 +12,7 @@ import cleanbackdoor
 # from entries before it. Add a new module here, at the lowest place its imports allow.
 LAYERS = [
     "errors",              # the error types
+    "components",          # the base class of attacks and defenses, their help, one-line validation errors
     "metrics",             # accuracy and attack success on predictions
     "cache",               # cache keys, atomic writes, compute-once with locks, the cache's kinds
     "data",                # datasets, loaders, image sets, transforms
@@ -89,3 +92,12 @@ def test_the_check_sees_an_upward_import(tmp_path):
     assert _imports(bad) == [("experiment", True, 1), ("config", False, 5)]
     rank = {name: i for i, name in enumerate(LAYERS)}
     assert rank["experiment"] > rank["attacks"] and rank["config"] > rank["defenses"]
+
+
+def test_a_defense_loads_no_attack():
+    """Defenses share their base class with attacks through ``components``: importing a defense loads none of the
+    attacks (FLIP, the hidden trigger, pretraining's victims) that sit beside it."""
+    code = ("import sys, cleanbackdoor.defenses; "
+            "print(sorted(m for m in sys.modules if m.startswith('cleanbackdoor.attacks')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -103,8 +103,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, Probe, TriggerSpec,
-                                        format_validation_error)
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, Probe, TriggerSpec
+from cleanbackdoor.components import format_validation_error
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import channel_stats
 from cleanbackdoor.errors import ConfigError, DataError, unknown_name

@@ -89,9 +89,9 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vjp
 from tqdm.auto import tqdm
 
-from cleanbackdoor.attacks.base import (Attack, AttackContext, AttackParams, Poisoning, TriggerSpec,
-                                        format_validation_error, resolve_budget)
+from cleanbackdoor.attacks.base import Attack, AttackContext, AttackParams, Poisoning, TriggerSpec, resolve_budget
 from cleanbackdoor.cache import FLIP, compute_once, entry_key, fingerprint, save_atomic, stable_key
+from cleanbackdoor.components import format_validation_error
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.data.transforms import Augment, AugmentDraw, channel_stats, to_nchw
 from cleanbackdoor.errors import ConfigError

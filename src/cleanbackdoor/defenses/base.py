@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cleanbackdoor.attacks.base import Configured
+from cleanbackdoor.components import Configured
 from cleanbackdoor.cache import FEATURES
 from cleanbackdoor.data.imageset import ImageSet
 from cleanbackdoor.errors import ConfigError
