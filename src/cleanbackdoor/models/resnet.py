@@ -104,6 +104,12 @@ class _StagedResNet(nn.Module):
         return F.adaptive_avg_pool2d(out, self.pool).flatten(1)
 
 
+# parameter help shared by the staged ResNets (``param_help``, which `cleanbackdoor describe` prints)
+_ACT_HELP = "activation: relu, leaky_relu (slope 0.1), gelu or none"
+_POOL_HELP = 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max'
+_CIFAR_WIDTH_HELP = "channels of the first stage; the stages have width, 2 * width, 4 * width"
+
+
 def _cifar_blocks(depth: int) -> list[int]:
     if depth < 8 or (depth - 2) % 6:
         raise ConfigError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth}")
@@ -115,9 +121,9 @@ class CifarResNet(_StagedResNet):
     preact = False
     param_help: ClassVar[dict[str, str]] = {
         "depth": "layers, 6n + 2 (20, 32, 44, 56, 110): 3 stages of n basic blocks",
-        "width": "channels of the first stage; the stages have width, 2 * width, 4 * width",
-        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none",
-        "pool": 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max',
+        "width": _CIFAR_WIDTH_HELP,
+        "act": _ACT_HELP,
+        "pool": _POOL_HELP,
     }
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 20, width: int = 16,
@@ -130,9 +136,9 @@ class PreActResNet(_StagedResNet):
     preact = True
     param_help: ClassVar[dict[str, str]] = {
         "depth": "layers, 6n + 2 (20, 32, 44, 56, 110): 3 stages of n pre-activation blocks",
-        "width": "channels of the first stage; the stages have width, 2 * width, 4 * width",
-        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none (FLIP's experts: leaky_relu)",
-        "pool": 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max',
+        "width": _CIFAR_WIDTH_HELP,
+        "act": _ACT_HELP + " (FLIP's experts: leaky_relu)",
+        "pool": _POOL_HELP,
     }
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], depth: int = 32, width: int = 16,
@@ -145,8 +151,8 @@ class ResNet18(_StagedResNet):
     preact = False
     param_help: ClassVar[dict[str, str]] = {
         "width": "channels of the first stage; the four stages have width, 2, 4 and 8 times width",
-        "act": "activation: relu, leaky_relu (slope 0.1), gelu or none",
-        "pool": 'pooling of the last feature map: n >= 1 averages over an n x n grid (1: global), "max": global max',
+        "act": _ACT_HELP,
+        "pool": _POOL_HELP,
     }
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], width: int = 64, act: str = "relu",
