@@ -5,7 +5,6 @@ and the dirty-label control of a label-only attack. Every prediction of a model 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from cleanbackdoor.attacks import Attack, Poisoning, Probe, build_attack
+from cleanbackdoor.cache import fingerprint
 from cleanbackdoor.config import ExperimentConfig
 from cleanbackdoor.data import ImageSet, Splits
 from cleanbackdoor.experiment.stages import feature_cache, frozen_features, train_model
@@ -71,11 +71,10 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack, poisoning: Poison
 
     # one prediction per distinct image set: the configured step's inputs come back as a probe of every step, and
     # step rules that coincide on an input give the same images
-    predicted: dict[tuple[bytes, tuple[int, ...], str], np.ndarray] = {}
+    predicted: dict[str, np.ndarray] = {}
 
     def classes(images: np.ndarray) -> np.ndarray:
-        key = (hashlib.blake2b(np.ascontiguousarray(images).data, digest_size=16).digest(), images.shape,
-               images.dtype.str)
+        key = fingerprint(images)
         if key not in predicted:
             predicted[key] = predict(model, images, feature_cache=feature_cache)
         return predicted[key]
