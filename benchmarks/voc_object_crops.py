@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 from pathlib import Path
 
 from PIL import Image
+
+from cleanbackdoor.data.multilabel_common import locate
 
 SPLITS = {"train": "train", "val": "test"}  # the archive's split -> the folder's
 
@@ -34,26 +35,26 @@ def crop_box(box: list[float], margin: float) -> tuple[int, int, int, int]:
 
 
 def write_crops(archive: Path, out: Path, size: int, min_side: float, margin: float) -> dict[str, int]:
+    # the archive is extracted into the toolkit's cache once, as the COCO loader does
+    base = locate(archive, lambda p: (p / "annotations" / "instances_train.json").is_file(), "VOC crops")
     counts: dict[str, int] = {}
-    with tarfile.open(archive) as tar:
-        members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
-        for split, folder in SPLITS.items():
-            doc = json.load(tar.extractfile(members[f"annotations/instances_{split}.json"]))
-            names = {c["id"]: c["name"] for c in doc["categories"]}
-            files = {im["id"]: im["file_name"] for im in doc["images"]}
-            photo, photo_id, n = None, None, 0
-            for a in sorted(doc["annotations"], key=lambda a: a["image_id"]):
-                if a.get("iscrowd") or min(a["bbox"][2:]) < min_side:
-                    continue
-                if a["image_id"] != photo_id:
-                    photo_id = a["image_id"]
-                    photo = Image.open(tar.extractfile(members[f"{split}/{files[photo_id]}"])).convert("RGB")
-                crop = photo.crop(crop_box(a["bbox"], margin)).resize((size, size), Image.BILINEAR)
-                target = out / folder / names[a["category_id"]]
-                target.mkdir(parents=True, exist_ok=True)
-                crop.save(target / f"{a['id']}.png")
-                n += 1
-            counts[folder] = n
+    for split, folder in SPLITS.items():
+        doc = json.loads((base / "annotations" / f"instances_{split}.json").read_text())
+        names = {c["id"]: c["name"] for c in doc["categories"]}
+        files = {im["id"]: im["file_name"] for im in doc["images"]}
+        photo, photo_id, n = None, None, 0
+        for a in sorted(doc["annotations"], key=lambda a: a["image_id"]):
+            if a.get("iscrowd") or min(a["bbox"][2:]) < min_side:
+                continue
+            if a["image_id"] != photo_id:
+                photo_id = a["image_id"]
+                photo = Image.open(base / split / files[photo_id]).convert("RGB")
+            crop = photo.crop(crop_box(a["bbox"], margin)).resize((size, size), Image.BILINEAR)
+            target = out / folder / names[a["category_id"]]
+            target.mkdir(parents=True, exist_ok=True)
+            crop.save(target / f"{a['id']}.png")
+            n += 1
+        counts[folder] = n
     return counts
 
 
