@@ -637,14 +637,16 @@ class CleanImageParams(AttackParams):
 # selected, the modification spending the whole bound (seeds 0/1/2: ASR 84.9/52.9/100%, clean model 0.5/0.0/0.7%,
 # NASR 72-83%, CTA 86-91% against 97%; seconds on 2 cores). MNIST: the authors' setting and step (ASR 99.9% after
 # their 100 epochs, 90.6-97.4% after 5). Colour images (CIFAR-10 and any image folder): the authors' ResNet-20
-# recipe shortened to 20 epochs and compiled (about 25 minutes a model on 2 cores for CIFAR-10's 50,000 images),
-# their step, and a random kernel the bound can move: the best of 16 draws by the share of training images it lifts
-# to tau (the seed-0 draw alone lifts 20% on CIFAR-10). CIFAR-10, seed 0: ASR 85.1% (89.4% with the maximal step),
-# NASR 91.0%, CTA 75.0%. The earlier ConvNet recipe (cifar10-convnet) fires on natural inputs only (NASR 70.8%,
+# recipe shortened to 20 epochs, at lr 0.05 instead of their 0.01, compiled (about 22 minutes a model on 2 cores
+# for CIFAR-10's 50,000 images), their step, and a random kernel the bound can move: the best of 16 draws by the
+# share of training images it lifts to tau (the seed-0 draw alone lifts 20% on CIFAR-10). The higher rate halves
+# what fitting the relabelled images costs on the other test images (seed 0: 0.6 points against 1.35 at 0.01),
+# which keeps the CTA within 4 points of the clean model. CIFAR-10, seed 0: ASR 92.6%, NASR 94.1%, CTA 76.7%
+# (clean model 80.4%). The earlier ConvNet recipe (cifar10-convnet) fires on natural inputs only (NASR 70.8%,
 # ASR 5.8%).
 _COLOUR: dict[str, Any] = {
     "model": {"name": "resnet20"},
-    "train": {"preset": "clean-image", "epochs": 20, "compile": True},
+    "train": {"preset": "clean-image", "epochs": 20, "lr": 0.05, "compile": True},
     "attack": {"target": 6, "ratio": 0.05, "norm": 1.0, "step": "authors",
                "feature": {"name": "corner_kernel", "kernel": "random", "draws": 16}},
 }
